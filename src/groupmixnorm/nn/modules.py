@@ -1,0 +1,388 @@
+"""GroupMixNorm modules, organised like ``torch.nn.modules.batchnorm``.
+
+A shared base class owns parameters, running statistics and the training/evaluation logic; the public
+classes only say which input shapes they accept.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from groupmixnorm.nn import functional as F
+from groupmixnorm.nn.routing import current_groups
+
+MixMode = Literal["shared", "pairwise"]
+EvalMode = Literal["population", "group"]
+_MIX_MODES = ("shared", "pairwise")
+_EVAL_MODES = ("population", "group")
+_OUTPUT_SCALES = ("batch", "mixed")
+
+
+class _GroupMixNorm(nn.Module):
+    """Base class of :class:`GroupMixNorm1d` and :class:`GroupMixNorm2d`; see their docstrings."""
+
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        num_groups: int | None = None,
+        mix: MixMode = "shared",
+        alpha: float = 1.0,
+        p: float = 1.0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        output_scale: F.OutputScale = "batch",
+        eval_mode: EvalMode = "population",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_options(num_features, num_groups, mix, alpha, p, eps, momentum, output_scale, eval_mode,
+                       track_running_stats)
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.mix = mix
+        self.alpha = alpha
+        self.p = p
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.output_scale = output_scale
+        self.eval_mode = eval_mode
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self._register_running_buffers(factory)
+        self.reset_parameters()
+
+    def _register_running_buffers(self, factory: dict) -> None:
+        channels = self.num_features
+        self.register_buffer("running_mean", torch.zeros(channels, **factory))
+        self.register_buffer("running_var", torch.ones(channels, **factory))
+        self.register_buffer("running_mix_mean", torch.zeros(channels, **factory))
+        self.register_buffer("running_mix_std", torch.ones(channels, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=factory["device"]))
+        if self.num_groups is not None:
+            self.register_buffer("running_group_mean", torch.zeros(self.num_groups, channels, **factory))
+            self.register_buffer("running_group_var", torch.ones(self.num_groups, channels, **factory))
+            self.register_buffer(
+                "group_batches_tracked", torch.zeros(self.num_groups, dtype=torch.long, device=factory["device"])
+            )
+
+    def reset_running_stats(self) -> None:
+        """Forget everything seen in training: population and group statistics back to N(0, 1).
+
+        The mixed standard deviation starts at ``sqrt(1 + eps)`` so that an untrained layer in evaluation
+        computes exactly what an untrained ``BatchNorm`` does.
+        """
+        if not self.track_running_stats:
+            return
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.running_mix_mean.zero_()
+        self.running_mix_std.fill_((1.0 + self.eps) ** 0.5)
+        self.num_batches_tracked.zero_()
+        if self.num_groups is not None:
+            self.running_group_mean.zero_()
+            self.running_group_var.fill_(1.0)
+            self.group_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics, and the affine to the identity (weight 1, bias 0)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, mix={self.mix!r}, alpha={self.alpha}, "
+            f"p={self.p}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, output_scale={self.output_scale!r}, "
+            f"eval_mode={self.eval_mode!r}"
+        )
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor, groups: Tensor | None = None) -> Tensor:
+        """Normalize ``x``; ``groups`` (or the enclosing :func:`use_groups` block) gives each sample's group.
+
+        In training the groups are required. In evaluation they are used only when ``eval_mode="group"``.
+        """
+        self._check_input(x)
+        if groups is None:
+            groups = current_groups()
+        if self.training:
+            if groups is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs the protected-group ids in training: call layer(x, groups) "
+                    "or run the model inside `with groupmixnorm.nn.use_groups(groups):`"
+                )
+            return self._forward_train(x, self._check_groups(groups, x))
+        if self.eval_mode == "group":
+            if groups is None:
+                raise ValueError(
+                    f"{type(self).__name__} has eval_mode='group', which needs the group ids in evaluation; "
+                    "pass them, or set eval_mode='population' to predict without the protected attribute"
+                )
+            return self._forward_eval_group(x, self._check_groups(groups, x))
+        return self._forward_eval_population(x, groups)
+
+    def _forward_train(self, x: Tensor, groups: Tensor) -> Tensor:
+        table_size = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
+        moments = F.group_moments(x, groups, table_size)
+        if float(moments.counts.sum()) < 2:
+            raise ValueError(f"{type(self).__name__} needs more than one value per channel in training, got {tuple(x.shape)}")
+        apply_mix = self.p >= 1.0 or float(torch.rand(())) < self.p
+        if apply_mix:
+            mixing = self._draw_mixing(moments.counts, groups)
+            out = F.group_mix_norm(
+                x, groups, mixing, num_groups=table_size, weight=self.weight, bias=self.bias, eps=self.eps,
+                output_scale=self.output_scale, moments=moments,
+            )
+        else:
+            mixing = None
+            out = self._as_single_group(x, moments)
+        if self.track_running_stats:
+            self._update_running_stats(moments, mixing)
+        return out
+
+    def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
+        """The layer as if the batch held one group: batch norm (``output_scale="batch"``), else identity."""
+        if self.output_scale == "batch":
+            return F.batch_norm_train(x, moments, eps=self.eps, weight=self.weight, bias=self.bias)
+        return F.apply_affine(x, self.weight, self.bias)
+
+    def _draw_mixing(self, counts: Tensor, groups: Tensor) -> Tensor:
+        if self.mix == "shared":
+            return F.shared_mixing_weights(counts.detach(), self.alpha)
+        return F.pairwise_mixing_weights(counts.detach(), groups, self.alpha)
+
+    def _forward_eval_population(self, x: Tensor, groups: Tensor | None) -> Tensor:
+        if not self.track_running_stats:
+            return self._forward_without_running_stats(x, groups)
+        std = torch.sqrt(self.running_var + self.eps)
+        return self._normalize_eval(x, self.running_mean, std)
+
+    def _forward_eval_group(self, x: Tensor, groups: Tensor) -> Tensor:
+        if not self.track_running_stats:
+            return self._forward_without_running_stats(x, groups)
+        if self.num_groups is None:
+            raise ValueError("eval_mode='group' needs num_groups to keep per-group running statistics")
+        seen = (self.group_batches_tracked[groups] > 0).unsqueeze(1)
+        mean = torch.where(seen, self.running_group_mean[groups], self.running_mean)
+        var = torch.where(seen, self.running_group_var[groups], self.running_var)
+        return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
+
+    def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        reference = {}
+        if self.output_scale == "batch":
+            reference = {"reference_mean": self.running_mean, "reference_std": torch.sqrt(self.running_var + self.eps)}
+        return F.normalize_with(
+            x, mean, std, self.running_mix_mean, self.running_mix_std, weight=self.weight, bias=self.bias, **reference
+        )
+
+    def _forward_without_running_stats(self, x: Tensor, groups: Tensor | None) -> Tensor:
+        """Evaluation without running statistics uses the batch, like ``BatchNorm`` does.
+
+        With groups, the mixture is its expectation: equal weight on every eligible group.
+        """
+        if groups is None:
+            table_size = 1
+            groups = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        else:
+            groups = self._check_groups(groups, x)
+            table_size = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
+        moments = F.group_moments(x, groups, table_size)
+        eligible = F.eligible_groups(moments.counts)
+        if not bool(eligible.any()):
+            eligible = moments.counts > 0
+        mixing = eligible.to(x.dtype) / eligible.sum()
+        return F.group_mix_norm(
+            x, groups, mixing, num_groups=table_size, weight=self.weight, bias=self.bias, eps=self.eps,
+            output_scale=self.output_scale, moments=moments,
+        )
+
+    # -------------------------------------------------------------------------------- running statistics
+
+    @torch.no_grad()
+    def _update_running_stats(self, moments: F.GroupMoments, mixing: Tensor | None) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = self._momentum_factor(self.num_batches_tracked.to(moments.mean.dtype))
+        total = moments.counts.sum()
+        unbiased_batch_var = moments.batch_var * total / (total - 1)
+        self.running_mean.lerp_(moments.batch_mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_batch_var.to(self.running_var.dtype), factor)
+
+        table_mean, table_std = F.statistics_table(moments, self.eps)
+        if mixing is None:
+            mixed_mean, mixed_std = moments.batch_mean, torch.sqrt(moments.batch_var + self.eps)
+        else:
+            average = mixing if mixing.dim() == 1 else mixing.mean(dim=0)
+            mixed_mean, mixed_std = average @ table_mean, average @ table_std
+        self.running_mix_mean.lerp_(mixed_mean.to(self.running_mix_mean.dtype), factor)
+        self.running_mix_std.lerp_(mixed_std.to(self.running_mix_std.dtype), factor)
+
+        if self.num_groups is not None:
+            self._update_group_stats(moments)
+
+    def _update_group_stats(self, moments: F.GroupMoments) -> None:
+        present = F.eligible_groups(moments.counts)
+        self.group_batches_tracked.add_(present.long())
+        factors = self._momentum_factor(self.group_batches_tracked.clamp_min(1).to(moments.mean.dtype))
+        factors = (factors * present).unsqueeze(1).to(self.running_group_mean.dtype)
+        counts = moments.counts.unsqueeze(1)
+        unbiased = moments.var * counts / (counts - 1).clamp_min(1)
+        self.running_group_mean.lerp_(moments.mean.to(self.running_group_mean.dtype), factors)
+        self.running_group_var.lerp_(unbiased.to(self.running_group_var.dtype), factors)
+
+    def _momentum_factor(self, batches: Tensor) -> Tensor | float:
+        """The weight of the new batch: ``momentum``, or a cumulative average when it is ``None``."""
+        if self.momentum is None:
+            return 1.0 / batches
+        return self.momentum
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self._expected_dims:
+            expected = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"{type(self).__name__} expects {expected} input (N, C, ...), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.num_features} channels, input has {x.shape[1]} "
+                f"(shape {tuple(x.shape)})"
+            )
+
+    def _check_groups(self, groups: Tensor, x: Tensor) -> Tensor:
+        if not isinstance(groups, Tensor):
+            raise ValueError(f"groups must be a torch.Tensor of integer ids, got {type(groups).__name__}")
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(f"groups must have an integer dtype (e.g. torch.long), got {groups.dtype}")
+        if groups.dim() != 1 or groups.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"groups must have shape (N,) = ({x.shape[0]},) to match the batch, got {tuple(groups.shape)}"
+            )
+        if groups.numel() == 0:
+            return groups.long().to(x.device)
+        smallest, largest = int(groups.min()), int(groups.max())
+        if smallest < 0:
+            raise ValueError(f"group ids must be non-negative, got {smallest}")
+        if self.num_groups is not None and largest >= self.num_groups:
+            raise ValueError(
+                f"group id {largest} is out of range for num_groups={self.num_groups} (valid ids are 0..{self.num_groups - 1})"
+            )
+        return groups.long().to(x.device)
+
+
+class GroupMixNorm1d(_GroupMixNorm):
+    r"""GroupMixNorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+
+    In training, each protected group of the mini-batch is normalized with its own per-channel mean and
+    standard deviation (over ``N`` and ``L``), and every sample is then re-scaled with one random convex
+    combination of the groups' statistics, so that all groups leave the layer with the same per-channel
+    mean and standard deviation (Pandey et al., "GroupMixNorm Layer for Learning Fair Models",
+    PAKDD 2023):
+
+    .. math::
+        y = \gamma \cdot \frac{\sigma_{mix}\,(x - \mu_g)/\sigma_g + \mu_{mix} - \mu_B}{\sigma_B} + \beta,
+        \qquad \mu_{mix} = \sum_g w_g \mu_g,\ \sigma_{mix} = \sum_g w_g \sigma_g,\ w \sim \mathrm{Dir}(\alpha)
+
+    where ``g`` is the sample's group and ``B`` the whole batch. The division by the batch statistics
+    (``output_scale="batch"``, the default) puts the output in batch-normalization units, so the layer
+    replaces ``BatchNorm1d`` one for one and equals it on a batch of a single group; ``output_scale="mixed"``
+    leaves it out and is the paper's layer verbatim. Both give every group identical output moments.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        num_groups: number of protected groups ``G``; ids must lie in ``[0, G)``. Needed for per-group
+            running statistics (``eval_mode="group"``); ``None`` accepts any non-negative ids.
+        mix: ``"shared"`` draws one Dirichlet(``alpha``) mixture over the groups present for the whole batch;
+            ``"pairwise"`` mixes each sample's group with one other random group, weight Beta(``alpha``, ``alpha``)
+            (MixStyle-like). Groups then differ within a batch; with two groups they match in expectation,
+            with ``G > 2`` the expected gap between two groups' moments shrinks to ``(G-2)/(2(G-1))`` of its size.
+        alpha: concentration of the Dirichlet / Beta draws.
+        p: probability of mixing in a training batch; otherwise the batch is treated as one group.
+        eps: added to variances for numerical stability.
+        momentum: weight of a new batch in the running statistics; ``None`` for a cumulative average.
+        affine: learn a per-channel scale and shift, as in batch normalization.
+        track_running_stats: keep running statistics for evaluation (population, mixed and per group).
+        output_scale: ``"batch"`` or ``"mixed"``, see above.
+        eval_mode: ``"population"`` (default) normalizes every sample with the running population
+            statistics and needs no protected attribute; ``"group"`` normalizes each sample with its group's
+            running statistics and needs ``groups`` at prediction time.
+
+    Degenerate batches: an absent group takes no weight; a group with fewer than two values per channel is
+    normalized with the batch statistics and takes no weight; a batch with one group is batch
+    normalization (or the identity with ``output_scale="mixed"``).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, L)``; groups: ``(N,)`` integer ids.
+        - Output: same shape as the input.
+
+    Examples::
+
+        >>> layer = GroupMixNorm1d(16, num_groups=2)
+        >>> x, a = torch.randn(32, 16), torch.randint(0, 2, (32,))
+        >>> y = layer(x, a)          # training: groups required
+        >>> layer.eval(); y = layer(x)   # deployment: no protected attribute
+    """
+
+    _expected_dims = (2, 3)
+
+
+class GroupMixNorm2d(_GroupMixNorm):
+    """GroupMixNorm over a 4D ``(N, C, H, W)`` input; statistics per channel over ``N, H, W``.
+
+    Same arguments and behaviour as :class:`GroupMixNorm1d`. A single image already has ``H * W`` values per
+    channel, so a group of one image keeps its own statistics.
+    """
+
+    _expected_dims = (4,)
+
+
+def _check_options(
+    num_features: int,
+    num_groups: int | None,
+    mix: str,
+    alpha: float,
+    p: float,
+    eps: float,
+    momentum: float | None,
+    output_scale: str,
+    eval_mode: str,
+    track_running_stats: bool,
+) -> None:
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if num_groups is not None and (not isinstance(num_groups, int) or num_groups < 1):
+        raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
+    if mix not in _MIX_MODES:
+        raise ValueError(f"mix must be one of {_MIX_MODES}, got {mix!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+    if output_scale not in _OUTPUT_SCALES:
+        raise ValueError(f"output_scale must be one of {_OUTPUT_SCALES}, got {output_scale!r}")
+    if eval_mode not in _EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {_EVAL_MODES}, got {eval_mode!r}")
+    if eval_mode == "group" and num_groups is None and track_running_stats:
+        raise ValueError("eval_mode='group' needs num_groups, to keep running statistics per group")

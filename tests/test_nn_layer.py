@@ -1,0 +1,333 @@
+"""The GroupMixNorm layer: statistics, gradients, state, routing, degenerate batches and export."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from groupmixnorm.nn import GroupMixNorm1d, GroupMixNorm2d, current_groups, use_groups
+from groupmixnorm.nn import functional as F
+
+
+def biased_batch(n: int = 96, channels: int = 6, groups: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features whose per-channel mean and scale differ strongly between groups."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.arange(n) % groups
+    x = torch.randn(n, channels, generator=gen)
+    x = x * (1.0 + a.unsqueeze(1)) + 3.0 * a.unsqueeze(1)
+    return x, a
+
+
+def per_group_moments(y: torch.Tensor, a: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0] + list(range(2, y.dim()))
+    flat = [y[a == g].transpose(0, 1).reshape(y.shape[1], -1) for g in range(num_groups)]
+    del dims
+    means = torch.stack([f.mean(dim=1) for f in flat])
+    stds = torch.stack([f.std(dim=1, unbiased=False) for f in flat])
+    return means, stds
+
+
+@pytest.mark.parametrize("output_scale", ["batch", "mixed"])
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 10.0])
+def test_shared_mix_gives_every_group_identical_moments(output_scale: str, alpha: float) -> None:
+    torch.manual_seed(1)
+    x, a = biased_batch()
+    layer = GroupMixNorm1d(6, num_groups=3, alpha=alpha, output_scale=output_scale)
+    means, stds = per_group_moments(layer(x, a), a, 3)
+    input_means, _ = per_group_moments(x, a, 3)
+    assert (input_means.max(0).values - input_means.min(0).values).min() > 5.0  # the input really is biased
+    torch.testing.assert_close(means, means[:1].expand_as(means), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stds, stds[:1].expand_as(stds), atol=1e-4, rtol=0)
+
+
+def test_shared_mix_for_images_aligns_groups_over_spatial_axes() -> None:
+    torch.manual_seed(2)
+    a = torch.tensor([0, 1, 1, 0, 2, 2, 1, 0])
+    x = torch.randn(8, 4, 5, 5) + 2.0 * a.view(-1, 1, 1, 1)
+    y = GroupMixNorm2d(4, num_groups=3)(x, a)
+    means, stds = per_group_moments(y, a, 3)
+    torch.testing.assert_close(means, means[:1].expand_as(means), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stds, stds[:1].expand_as(stds), atol=1e-4, rtol=0)
+
+
+def test_batch_output_scale_matches_batchnorm_on_a_single_group() -> None:
+    x, _ = biased_batch()
+    ones = torch.zeros(x.shape[0], dtype=torch.long)
+    expected = nn.BatchNorm1d(6)(x)
+    torch.testing.assert_close(GroupMixNorm1d(6, num_groups=2)(x, ones), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_output_scale_is_identity_on_a_single_group() -> None:
+    x, _ = biased_batch()
+    ones = torch.zeros(x.shape[0], dtype=torch.long)
+    torch.testing.assert_close(GroupMixNorm1d(6, output_scale="mixed")(x, ones), x, atol=1e-4, rtol=1e-4)
+
+
+def test_untrained_layer_in_eval_equals_untrained_batchnorm() -> None:
+    x, _ = biased_batch()
+    torch.testing.assert_close(GroupMixNorm1d(6).eval()(x), nn.BatchNorm1d(6).eval()(x))
+
+
+def test_pairwise_mix_matches_two_groups_in_expectation_not_exactly() -> None:
+    # With two groups and E[lambda] = 1/2 both groups average to the midpoint of their statistics.
+    torch.manual_seed(3)
+    x, a = biased_batch(n=16, groups=2)
+    layer = GroupMixNorm1d(6, num_groups=2, mix="pairwise")
+    draws = torch.stack([per_group_moments(layer(x, a), a, 2)[0] for _ in range(2000)])
+    spread_one_draw = (draws[0].max(0).values - draws[0].min(0).values).max()
+    mean_over_draws = draws.mean(0)
+    spread_in_expectation = (mean_over_draws.max(0).values - mean_over_draws.min(0).values).max()
+    assert spread_one_draw > 0.05
+    assert spread_in_expectation < spread_one_draw / 3
+
+
+def test_pairwise_weights_are_convex_and_pick_another_present_group() -> None:
+    torch.manual_seed(4)
+    groups = torch.tensor([0, 0, 2, 2, 2, 0])
+    counts = torch.tensor([3.0, 0.0, 3.0])
+    weights = F.pairwise_mixing_weights(counts, groups, alpha=1.0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(6))
+    assert (weights[:, 1] == 0).all(), "an absent group took weight"
+    assert (weights[groups == 0][:, 2] > 0).all() and (weights[groups == 2][:, 0] > 0).all()
+
+
+def test_absent_and_singleton_groups_take_no_weight() -> None:
+    torch.manual_seed(5)
+    counts = torch.tensor([10.0, 0.0, 1.0, 7.0])
+    for _ in range(20):
+        weights = F.shared_mixing_weights(counts, alpha=0.5)
+        assert weights[1] == 0 and weights[2] == 0
+        torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+
+
+def test_singleton_group_is_normalized_with_batch_statistics() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(9, 3)
+    a = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    moments = F.group_moments(x, a, 3)
+    table_mean, table_std = F.statistics_table(moments, 1e-5)
+    torch.testing.assert_close(table_mean[2], x.mean(0))
+    torch.testing.assert_close(table_std[2], torch.sqrt(x.var(0, unbiased=False) + 1e-5))
+    y = GroupMixNorm1d(3, num_groups=3)(x, a)
+    assert torch.isfinite(y).all()
+
+
+def test_group_moments_match_a_loop_over_groups() -> None:
+    x, a = biased_batch(n=50, groups=4)
+    moments = F.group_moments(x, a, 5)
+    for g in range(4):
+        torch.testing.assert_close(moments.mean[g], x[a == g].mean(0))
+        torch.testing.assert_close(moments.var[g], x[a == g].var(0, unbiased=False))
+    assert moments.counts[4] == 0
+    torch.testing.assert_close(moments.batch_mean, x.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moments.batch_var, x.var(0, unbiased=False), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_scale", ["batch", "mixed"])
+@pytest.mark.parametrize("shape", [(7, 3), (6, 2, 3), (5, 2, 2, 3)])
+def test_gradcheck_with_fixed_mixing(output_scale: str, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = torch.tensor([0, 1, 2, 1, 0, 2, 1][: shape[0]])
+    weight = torch.rand(shape[1], dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(shape[1], dtype=torch.float64, generator=gen, requires_grad=True)
+    shared = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    per_sample = torch.softmax(torch.randn(shape[0], 3, dtype=torch.float64, generator=gen), dim=1)
+    for mixing in (shared, per_sample):
+        def fn(x, weight, bias, mixing=mixing):
+            return F.group_mix_norm(x, a, mixing, num_groups=3, weight=weight, bias=bias, output_scale=output_scale)
+
+        assert torch.autograd.gradcheck(fn, (x, weight, bias))
+
+
+def test_state_dict_round_trip_restores_evaluation_exactly() -> None:
+    torch.manual_seed(8)
+    x, a = biased_batch()
+    source = GroupMixNorm1d(6, num_groups=3, eval_mode="group")
+    for _ in range(5):
+        source(x, a)
+    source.weight.data.uniform_()
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    target = GroupMixNorm1d(6, num_groups=3, eval_mode="group")
+    target.load_state_dict(torch.load(buffer))
+    source.eval(), target.eval()
+    torch.testing.assert_close(target(x, a), source(x, a), rtol=0, atol=0)
+    assert int(target.num_batches_tracked) == 5
+    assert set(target.state_dict()) >= {"running_group_mean", "running_group_var", "running_mix_std"}
+
+
+def test_permutation_equivariance_with_fixed_mixing() -> None:
+    x, a = biased_batch(n=40)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(9))
+    mixing = torch.tensor([0.6, 0.1, 0.3])
+    out = F.group_mix_norm(x, a, mixing, num_groups=3)
+    out_permuted = F.group_mix_norm(x[perm], a[perm], mixing, num_groups=3)
+    torch.testing.assert_close(out_permuted, out[perm], atol=1e-5, rtol=1e-5)
+
+
+def test_running_statistics_track_population_groups_and_mixture() -> None:
+    torch.manual_seed(10)
+    x, a = biased_batch(n=3000)
+    layer = GroupMixNorm1d(6, num_groups=3, momentum=None)
+    for _ in range(30):
+        layer(x, a)
+    torch.testing.assert_close(layer.running_mean, x.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.running_var, x.var(0), atol=1e-3, rtol=1e-3)
+    for g in range(3):
+        torch.testing.assert_close(layer.running_group_mean[g], x[a == g].mean(0), atol=1e-4, rtol=1e-4)
+    # Dirichlet(1) over 3 groups averages to equal weights, so the running mixed mean nears the mean of group means.
+    group_means = torch.stack([x[a == g].mean(0) for g in range(3)]).mean(0)
+    assert (layer.running_mix_mean - group_means).abs().max() < 0.6
+
+
+def test_eval_without_groups_needs_no_attribute_and_is_deterministic() -> None:
+    x, a = biased_batch()
+    layer = GroupMixNorm1d(6, num_groups=3)
+    layer(x, a)
+    layer.eval()
+    first, second = layer(x), layer(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x, a), first, rtol=0, atol=0)  # population mode ignores the groups
+
+
+def test_group_eval_mode_removes_group_offsets_and_needs_groups() -> None:
+    torch.manual_seed(11)
+    x, a = biased_batch(n=900)
+    layer = GroupMixNorm1d(6, num_groups=3, eval_mode="group", momentum=None)
+    for _ in range(10):
+        layer(x, a)
+    layer.eval()
+    means, _ = per_group_moments(layer(x, a), a, 3)
+    assert (means.max(0).values - means.min(0).values).max() < 1e-3
+    with pytest.raises(ValueError, match="needs the group ids in evaluation"):
+        layer(x)
+
+
+def test_probability_p_zero_is_batch_norm() -> None:
+    x, a = biased_batch()
+    torch.testing.assert_close(GroupMixNorm1d(6, num_groups=3, p=0.0)(x, a), nn.BatchNorm1d(6)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_use_groups_routes_through_sequential_and_leaves_nothing_behind() -> None:
+    torch.manual_seed(12)
+    x, a = biased_batch()
+    model = nn.Sequential(nn.Linear(6, 8), GroupMixNorm1d(8, num_groups=3), nn.ReLU(), GroupMixNorm1d(8, num_groups=3))
+    with pytest.raises(ValueError, match="needs the protected-group ids in training"):
+        model(x)
+    with use_groups(a):
+        assert current_groups() is a
+        model(x)
+    assert current_groups() is None
+    assert int(model[1].group_batches_tracked.sum()) == 3
+
+
+def test_explicit_groups_win_over_the_context() -> None:
+    torch.manual_seed(13)
+    x, a = biased_batch()
+    layer = GroupMixNorm1d(6, num_groups=3)
+    wrong = torch.zeros_like(a)
+    torch.manual_seed(0)
+    with use_groups(wrong):
+        routed = layer(x, a)
+    torch.manual_seed(0)
+    direct = layer(x, a)
+    torch.testing.assert_close(routed, direct)
+
+
+def test_nested_use_groups_restores_the_outer_value() -> None:
+    outer, inner = torch.tensor([0]), torch.tensor([1])
+    with use_groups(outer):
+        with use_groups(inner):
+            assert current_groups() is inner
+        with use_groups(None):
+            assert current_groups() is None
+        assert current_groups() is outer
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (torch.tensor([0, 1, 2, 3]), "out of range for num_groups=3"),
+        (torch.tensor([0, -1, 1, 0]), "non-negative"),
+        (torch.tensor([0.0, 1.0, 1.0, 0.0]), "integer dtype"),
+        (torch.tensor([True, False, True, False]), "integer dtype"),
+        (torch.tensor([0, 1, 1]), r"shape \(N,\) = \(4,\)"),
+        (torch.tensor([[0, 1, 1, 0]]), r"shape \(N,\)"),
+        ([0, 1, 1, 0], "torch.Tensor"),
+    ],
+)
+def test_bad_groups_raise_a_value_error_naming_the_problem(groups, message: str) -> None:
+    layer = GroupMixNorm1d(5, num_groups=3)
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(4, 5), groups)
+
+
+def test_bad_inputs_and_options_raise_value_errors() -> None:
+    with pytest.raises(ValueError, match="built for 5 channels"):
+        GroupMixNorm1d(5)(torch.randn(4, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="expects 2D or 3D"):
+        GroupMixNorm1d(5)(torch.randn(4, 5, 2, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="expects 4D"):
+        GroupMixNorm2d(5)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        GroupMixNorm1d(5)(torch.randn(1, 5), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="mix must be one of"):
+        GroupMixNorm1d(5, mix="global")
+    with pytest.raises(ValueError, match="probability"):
+        GroupMixNorm1d(5, p=1.5)
+    with pytest.raises(ValueError, match="eval_mode='group' needs num_groups"):
+        GroupMixNorm1d(5, eval_mode="group")
+
+
+def test_num_groups_none_accepts_any_ids_in_training() -> None:
+    x = torch.randn(20, 4)
+    a = torch.tensor([0, 7] * 10)
+    y = GroupMixNorm1d(4)(x, a)
+    means, _ = per_group_moments(y, (a == 7).long(), 2)
+    torch.testing.assert_close(means[0], means[1], atol=1e-4, rtol=0)
+
+
+def test_no_running_stats_eval_uses_the_batch() -> None:
+    x, a = biased_batch()
+    layer = GroupMixNorm1d(6, num_groups=3, track_running_stats=False).eval()
+    torch.testing.assert_close(layer(x), nn.BatchNorm1d(6, track_running_stats=False).eval()(x), atol=1e-5, rtol=1e-5)
+    means, _ = per_group_moments(layer(x, a), a, 3)
+    assert (means.max(0).values - means.min(0).values).max() < 1e-4
+
+
+def test_a_trained_model_exports_and_runs_without_the_attribute() -> None:
+    torch.manual_seed(14)
+    x, a = biased_batch()
+    model = nn.Sequential(nn.Linear(6, 8), GroupMixNorm1d(8, num_groups=3), nn.ReLU(), nn.Linear(8, 1))
+    with use_groups(a):
+        model(x)
+    model.eval()
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    other = torch.randn(11, 6)
+    torch.testing.assert_close(exported.module()(other), model(other))
+
+
+def test_a_trained_model_exports_to_onnx_without_the_attribute(tmp_path) -> None:
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(15)
+    x, a = biased_batch()
+    model = nn.Sequential(nn.Linear(6, 8), GroupMixNorm1d(8, num_groups=3), nn.ReLU(), nn.Linear(8, 1))
+    with use_groups(a):
+        model(x)
+    model.eval()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        model, (x,), str(path), input_names=["features"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True
+    )
+    session = onnxruntime.InferenceSession(str(path))
+    other = torch.randn(13, 6)
+    (onnx_out,) = session.run(None, {"features": other.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), model(other).detach(), atol=1e-5, rtol=1e-5)
+    assert [i.name for i in session.get_inputs()] == ["features"]

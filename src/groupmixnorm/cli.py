@@ -1,0 +1,220 @@
+"""The ``groupmixnorm`` command line.
+
+Every error a user can cause ends with one clear line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("adult",)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (UsageError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"groupmixnorm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="groupmixnorm",
+        description="Train and measure fair models with the GroupMixNorm layer.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(commands)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    from groupmixnorm.methods import METHODS
+
+    train = commands.add_parser(
+        "train",
+        help="train one model and write DIR/metrics.json",
+        description="Train one model, print its test metrics and write OUT/metrics.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    data = train.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="adult", help="bundled dataset to train on")
+    data.add_argument("--sensitive", default="sex", help="protected attribute: sex or race")
+    data.add_argument(
+        "--protocol", choices=("official", "fairmixup"), default="official",
+        help="official: UCI train/test files, validation carved from train; "
+        "fairmixup: merged files, rows with missing values dropped, seeded 60/20/20 split",
+    )
+    data.add_argument("--quantize", action="store_true",
+                      help="fairmixup protocol only: reproduce its 10-bin quantization quirk")
+
+    method = train.add_argument_group("method")
+    method.add_argument("--method", choices=sorted(METHODS), default="gmn", help="training method")
+    _add_method_options(method)
+
+    loop = train.add_argument_group("training loop")
+    _add_config_options(loop)
+
+    train.add_argument("--out", required=True, type=Path, help="directory for metrics.json")
+    train.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    train.set_defaults(handler=_run_train)
+
+
+def _add_method_options(group: argparse._ArgumentGroup) -> None:
+    """One flag per method option; each flag lists the methods it applies to."""
+    from groupmixnorm.methods import METHODS
+    from groupmixnorm.methods.base import method_fields
+
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, Any] = {}
+    for name, cls in sorted(METHODS.items()):
+        for item in method_fields(cls):
+            owners.setdefault(item.name, []).append(name)
+            fields.setdefault(item.name, item)
+    for option_name, item in fields.items():
+        kind = item.type if isinstance(item.type, type) else _type_from_annotation(item.type)
+        group.add_argument(
+            "--" + option_name.replace("_", "-"), dest=f"method_{option_name}", type=kind,
+            choices=item.metadata.get("choices"), default=None,
+            help=f"{item.metadata.get('help', '')} [{', '.join(owners[option_name])}; default {item.default}]",
+        )
+
+
+def _type_from_annotation(annotation: str) -> type:
+    return {"float": float, "int": int, "str": str, "bool": bool}.get(annotation.split("|")[0].strip(), str)
+
+
+def _add_config_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--epochs", type=int, default=10, help="training epochs")
+    group.add_argument("--batch-size", type=int, default=256,
+                       help="batch size (for group-balanced methods: samples per group, or per group and label)")
+    group.add_argument("--iterations", type=int, default=None,
+                       help="batches per epoch (default: one pass over the training data)")
+    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    group.add_argument("--hidden", default="200,200", help="hidden layer widths, comma-separated")
+    group.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and batch order")
+    group.add_argument("--select", choices=("ap", "last", "dp_gap", "eodds_gap"), default="ap",
+                       help="epoch to keep, chosen on validation: best AP (within --gap-target if given), "
+                       "the last one, or the smallest gap")
+    group.add_argument("--gap-metric", choices=("dp_gap", "eopp_gap", "eodds_gap"), default="dp_gap",
+                       help="validation gap that --gap-target bounds")
+    group.add_argument("--gap-target", type=float, default=None,
+                       help="with --select ap: keep the best-AP epoch whose validation gap is at most this")
+    group.add_argument("--device", default="cpu", help="torch device")
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """Turn parsed ``train`` arguments into a :class:`~groupmixnorm.experiments.RunSpec`."""
+    from groupmixnorm.experiments import RunSpec
+    from groupmixnorm.methods import METHODS
+    from groupmixnorm.methods.base import method_fields
+    from groupmixnorm.training import TrainConfig
+
+    known = {item.name for item in method_fields(METHODS[args.method])}
+    given = {key[len("method_"):]: value for key, value in vars(args).items()
+             if key.startswith("method_") and value is not None}
+    foreign = sorted(set(given) - known)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise UsageError(f"{flags} does not apply to --method {args.method}")
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
+        weight_decay=args.weight_decay, hidden=_parse_hidden(args.hidden), seed=args.seed, select=args.select,
+        gap_metric=args.gap_metric, gap_target=args.gap_target, device=args.device,
+    )
+    return RunSpec(method=args.method, method_options=given, dataset=args.dataset, sensitive=args.sensitive,
+                   protocol=args.protocol, quantize=args.quantize, config=config)
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--hidden must be comma-separated integers like 200,200, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise UsageError(f"--hidden widths must be positive, got {text!r}")
+    return widths
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from groupmixnorm.experiments import execute
+    from groupmixnorm.training import write_json_atomic
+
+    spec = spec_from_args(args)
+    progress = None if args.quiet else _epoch_progress(spec.config.epochs, spec.method)
+    try:
+        record = execute(spec, on_epoch=progress.update if progress else None)
+    finally:
+        if progress:
+            progress.close()
+    record["command"] = spec.command(out=str(args.out))
+    path = write_json_atomic(args.out / "metrics.json", record)
+    if not args.quiet:
+        print(format_summary(record))
+        print(f"wrote {path}")
+    return 0
+
+
+class _epoch_progress:
+    """A tqdm bar over epochs that shows the validation AP and gaps."""
+
+    def __init__(self, epochs: int, method: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=epochs, desc=f"train {method}", unit="epoch", file=sys.stderr)
+
+    def update(self, epoch: int, val: dict[str, float]) -> None:
+        self.bar.set_postfix(val_ap=f"{val['ap']:.3f}", val_dp=f"{val['dp_gap']:.3f}",
+                             val_eodds=f"{val['eodds_gap']:.3f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_summary(record: dict[str, Any]) -> str:
+    """The test metrics of one record, and its per-group rates, as aligned text tables."""
+    import pandas as pd
+
+    from groupmixnorm.experiments import METRIC_KEYS
+
+    metrics = pd.DataFrame({"test": [record[k] for k in METRIC_KEYS],
+                            "validation": [record["val"][k] for k in METRIC_KEYS]}, index=list(METRIC_KEYS))
+    rates = pd.DataFrame.from_dict(record["group_rates"], orient="index")
+    columns = [c for c in ("count", "base_rate", "mean_score", "selection_rate", "tpr", "fpr") if c in rates]
+    timing = record["timings"]
+    lines = [
+        f"{record['method']} ({record['setting']}), seed {record['seed']}, selected epoch {record['selected_epoch']}, "
+        f"{timing['median_epoch_seconds']:.2f} s/epoch",
+        metrics.to_string(float_format=lambda v: f"{v:.4f}"),
+        "",
+        f"per group ({record['dataset']['sensitive']}, test):",
+        rates[columns].to_string(float_format=lambda v: f"{v:.4f}"),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

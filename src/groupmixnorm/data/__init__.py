@@ -1,0 +1,27 @@
+"""Datasets as arrays: bundled UCI Adult, with protocols, protected attributes and preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from groupmixnorm.data.adult import ADULT_COLUMNS, load_adult, read_adult_frame
+from groupmixnorm.data.tabular import Split, TabularDataset
+
+_LOADERS: dict[str, Callable[..., TabularDataset]] = {"adult": load_adult}
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, **options: Any) -> TabularDataset:
+    """Load the dataset called ``name`` with loader-specific ``options``."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    return _LOADERS[name](**options)
+
+
+__all__ = ["ADULT_COLUMNS", "Split", "TabularDataset", "available_datasets", "load_adult", "load_dataset",
+           "read_adult_frame"]

@@ -1,0 +1,84 @@
+"""Tabular datasets as arrays: features, binary labels and protected-group ids for train/val/test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features ``X`` (float32, ``(n, d)``), labels ``y`` (int64 0/1) and group ids ``a`` (int64)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    a: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class TabularDataset:
+    """A prepared dataset: three splits, the names behind features and groups, and the fitted preprocessor
+    (a scikit-learn ``ColumnTransformer`` that turns raw rows into ``X``)."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    feature_names: list[str]
+    sensitive: str
+    group_names: list[str]
+    protocol: str
+    preprocessor: Any
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    @property
+    def num_features(self) -> int:
+        return self.train.X.shape[1]
+
+    def describe(self) -> pd.DataFrame:
+        """Rows, positive rate and the share of each group, per split."""
+        rows = {}
+        for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
+            shares = np.bincount(split.a, minlength=self.num_groups) / len(split)
+            rows[name] = {"rows": len(split), "positive_rate": float(split.y.mean()),
+                          **{f"share_{g}": float(v) for g, v in zip(self.group_names, shares)}}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def make_preprocessor(numeric: list[str], categorical: list[str]) -> ColumnTransformer:
+    """Standardize numerics; impute categoricals with their most frequent value, then one-hot encode."""
+    categories = make_pipeline(
+        SimpleImputer(strategy="most_frequent"),
+        OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+    )
+    return ColumnTransformer(
+        [("numeric", StandardScaler(), numeric), ("categorical", categories, categorical)],
+        verbose_feature_names_out=False,
+    )
+
+
+def encode_groups(values: pd.Series, names: list[str]) -> np.ndarray:
+    """Map raw protected-attribute values to ids ``0..len(names)-1`` (ids follow ``names``)."""
+    lookup = {name: index for index, name in enumerate(names)}
+    unknown = sorted(set(values.dropna().unique()) - set(lookup))
+    if unknown or values.isna().any():
+        raise ValueError(f"protected attribute has values outside {names}: {unknown or ['missing']}")
+    return values.map(lookup).to_numpy(dtype=np.int64)
+
+
+def to_split(frame: pd.DataFrame, preprocessor: ColumnTransformer, y: np.ndarray, a: np.ndarray) -> Split:
+    X = np.asarray(preprocessor.transform(frame), dtype=np.float32)
+    return Split(X=X, y=y.astype(np.int64), a=a.astype(np.int64))

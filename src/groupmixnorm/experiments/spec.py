@@ -1,0 +1,112 @@
+"""A run as data: what to train, on what, with which loop settings; and the record it produces."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from groupmixnorm.data import load_dataset
+from groupmixnorm.methods import make_method
+from groupmixnorm.training import TrainConfig, environment_versions, train
+
+METRIC_KEYS = ("accuracy", "ap", "dp_gap", "eopp_gap", "eodds_gap", "dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides one training run; equal specs give equal numbers on the CPU."""
+
+    method: str
+    method_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "adult"
+    sensitive: str = "sex"
+    protocol: str = "official"
+    quantize: bool = False
+    config: TrainConfig = TrainConfig()
+
+    def key(self) -> str:
+        """A short stable name for this spec, used as the record's file name."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return f"{self.method}-s{self.config.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "method_options": dict(self.method_options), "dataset": self.dataset,
+            "sensitive": self.sensitive, "protocol": self.protocol, "quantize": self.quantize,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def command(self, out: str = "OUT") -> str:
+        """The ``groupmixnorm train`` command line that reproduces this run on its own."""
+        words = ["groupmixnorm", "train", "--dataset", self.dataset, "--sensitive", self.sensitive,
+                 "--protocol", self.protocol]
+        if self.quantize:
+            words.append("--quantize")
+        words += ["--method", self.method]
+        for name, value in sorted(self.method_options.items()):
+            words += [_flag(name), _word(value)]
+        for item in dataclasses.fields(TrainConfig):
+            value = getattr(self.config, item.name)
+            if item.name == "device" or value is None:
+                continue
+            words += [_flag(item.name), _word(value)]
+        words += ["--out", out]
+        return shlex.join(words)
+
+
+def execute(spec: RunSpec, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train the run described by ``spec`` and return its JSON-ready record."""
+    started = time.perf_counter()
+    data = load_dataset(spec.dataset, **_dataset_options(spec))
+    method = make_method(spec.method, **spec.method_options)
+    result = train(method, data, spec.config, on_epoch=on_epoch)
+    record: dict[str, Any] = {key: result.metrics[key] for key in METRIC_KEYS}
+    record.update(
+        method=spec.method,
+        setting=setting_label(spec.method_options),
+        seed=spec.config.seed,
+        spec=spec.to_dict(),
+        options=method.options(),
+        uses_sensitive_at_prediction=method.uses_sensitive_at_prediction(),
+        dataset={"name": data.name, "sensitive": data.sensitive, "protocol": data.protocol,
+                 "group_names": list(data.group_names), "features": data.num_features,
+                 "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
+        selected_epoch=result.selected_epoch,
+        val={key: result.val_metrics[key] for key in METRIC_KEYS},
+        group_rates=json.loads(result.group_rates.to_json(orient="index")),
+        history=result.history,
+        timings={"epoch_seconds": result.epoch_seconds, "median_epoch_seconds": result.median_epoch_seconds,
+                 "total_seconds": time.perf_counter() - started},
+        versions=environment_versions(),
+        command=spec.command(),
+    )
+    return record
+
+
+def setting_label(options: dict[str, Any]) -> str:
+    """A compact, readable name for a method's options, e.g. ``mix=shared,alpha=1.0``; ``default`` if none."""
+    return ",".join(f"{k}={_word(v)}" for k, v in sorted(options.items())) or "default"
+
+
+def _dataset_options(spec: RunSpec) -> dict[str, Any]:
+    options: dict[str, Any] = {"sensitive": spec.sensitive, "protocol": spec.protocol}
+    if spec.quantize:
+        options["quantize"] = True
+    if spec.protocol == "fairmixup":
+        options["seed"] = spec.config.seed  # the reference protocol re-draws the split with every seed
+    return options
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)

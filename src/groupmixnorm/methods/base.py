@@ -1,0 +1,83 @@
+"""The strategy interface that every training method implements.
+
+The training loop (:mod:`groupmixnorm.training`) owns data, optimizer, epochs, selection and records. A
+method only says which model to build, which batches it wants, what loss to minimise on a batch, and how
+to score a split. Options of a method are the fields of its dataclass; the command line and the bench
+build their flags and commands from those fields, so a new option needs no other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+Sampling = Literal["random", "group", "group_label"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: features ``x``, binary labels ``y`` (float 0/1) and group ids ``a``."""
+
+    x: Tensor
+    y: Tensor
+    a: Tensor
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a method needs to know to build its model."""
+
+    in_features: int
+    num_groups: int
+    hidden: tuple[int, ...] = (200, 200)
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A method option: a dataclass field that also carries its command-line help."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Method:
+    """Base class of training methods. Subclasses set ``name`` and override what they change."""
+
+    name: ClassVar[str] = ""
+    #: How the loop draws training batches: at random, balanced per group, or per group and label.
+    sampling: ClassVar[Sampling] = "random"
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module, seed: int) -> None:
+        """Called once after the model is built (for example to create an adversary)."""
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The loss to minimise on ``batch`` and any numbers worth logging."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module, batch: Batch) -> None:
+        """Called after each optimizer step of the model (for example to update an adversary)."""
+
+    def predict_logits(self, model: nn.Module, x: Tensor, a: Tensor | None = None) -> Tensor:
+        """Logits for ``x`` with the model in evaluation mode; ``a`` is offered, most methods ignore it."""
+        return model(x).squeeze(-1)
+
+    def options(self) -> dict[str, Any]:
+        """The method's options as a plain dict (the dataclass fields)."""
+        return dataclasses.asdict(self)
+
+    def uses_sensitive_at_prediction(self) -> bool:
+        """Whether predictions need the protected attribute (a deployed model should not)."""
+        return False
+
+
+def binary_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, y)
+
+
+def method_fields(cls: type[Method]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]

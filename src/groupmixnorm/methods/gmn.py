@@ -1,0 +1,52 @@
+"""Training with GroupMixNorm layers in the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
+from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.nn import use_groups
+
+
+@dataclass
+class GroupMixNormMethod(Method):
+    """The MLP with GroupMixNorm after the chosen hidden layers; cross-entropy loss.
+
+    The protected attribute reaches the layers through :func:`groupmixnorm.nn.use_groups` during
+    training; at prediction it is passed only when ``eval_mode="group"``.
+    """
+
+    name = "gmn"
+    mix: str = option("shared", "how group statistics are mixed", choices=("shared", "pairwise"))
+    alpha: float = option(1.0, "concentration of the Dirichlet/Beta mixing weights")
+    p: float = option(1.0, "probability that a training batch is mixed (else treated as one group)")
+    placement: str = option("all", "hidden blocks that get the layer: all, first, last, or indices like 0,1")
+    eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group"))
+    output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))
+    momentum: float = option(0.1, "momentum of the running statistics")
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        layer_options = {
+            "mix": self.mix, "alpha": self.alpha, "p": self.p, "eval_mode": self.eval_mode,
+            "output_scale": self.output_scale, "momentum": self.momentum,
+        }
+        return build_mlp(
+            spec.in_features, spec.hidden, norm="groupmixnorm", placement=self.placement,
+            num_groups=spec.num_groups, norm_options=layer_options,
+        )
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        with use_groups(batch.a):
+            logits = model(batch.x).squeeze(-1)
+        loss = binary_cross_entropy(logits, batch.y)
+        return loss, {"bce": loss.item()}
+
+    def predict_logits(self, model: nn.Module, x: Tensor, a: Tensor | None = None) -> Tensor:
+        with use_groups(a if self.uses_sensitive_at_prediction() else None):
+            return model(x).squeeze(-1)
+
+    def uses_sensitive_at_prediction(self) -> bool:
+        return self.eval_mode == "group"

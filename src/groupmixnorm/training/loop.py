@@ -1,0 +1,193 @@
+"""The one training loop shared by every method."""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from groupmixnorm.data import Split, TabularDataset
+from groupmixnorm.methods.base import Batch, Method, ModelSpec
+from groupmixnorm.metrics import fairness_report, group_rates
+from groupmixnorm.training.sampling import batch_indices
+
+SELECTION_RULES = ("ap", "last", "dp_gap", "eodds_gap")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and batch."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the loop itself (a method's own options live on the method).
+
+    ``select`` picks the epoch whose weights are kept, from validation metrics: ``"ap"`` the best average
+    precision (among epochs whose validation ``gap_metric`` is at most ``gap_target``, if a target is
+    given; the smallest gap if none meets it), ``"last"`` the final epoch, ``"dp_gap"`` / ``"eodds_gap"``
+    the smallest validation gap (Fair Mixup's rule, which ignores accuracy).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    iterations: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    hidden: tuple[int, ...] = (200, 200)
+    seed: int = 0
+    select: str = "ap"
+    gap_metric: str = "dp_gap"
+    gap_target: float | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
+        if self.select not in SELECTION_RULES:
+            raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
+        if self.gap_metric not in ("dp_gap", "eodds_gap", "eopp_gap"):
+            raise ValueError(f"gap_metric must be dp_gap, eopp_gap or eodds_gap, got {self.gap_metric!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: test metrics of the selected epoch, the history, timings and the model."""
+
+    metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    selected_epoch: int
+    history: list[dict[str, float]]
+    epoch_seconds: list[float]
+    group_rates: pd.DataFrame
+    model: nn.Module
+    test_scores: np.ndarray = field(repr=False)
+
+    @property
+    def median_epoch_seconds(self) -> float:
+        return statistics.median(self.epoch_seconds)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a torch generator for batch order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(
+    method: Method,
+    data: TabularDataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``method`` on ``data`` and evaluate the selected epoch on the test split."""
+    generator = seed_everything(config.seed)
+    device = torch.device(config.device)
+    train_split, val_split, test_split = (_to_tensors(s, device) for s in (data.train, data.val, data.test))
+    model = method.build_model(ModelSpec(data.num_features, data.num_groups, tuple(config.hidden))).to(device)
+    method.setup(model, config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    history: list[dict[str, float]] = []
+    epoch_seconds: list[float] = []
+    best: tuple[int, dict[str, Any]] | None = None
+    for epoch in range(config.epochs):
+        started = time.perf_counter()
+        train_log = _train_one_epoch(method, model, optimizer, train_split, config, generator, epoch)
+        epoch_seconds.append(time.perf_counter() - started)
+        val_metrics, _ = evaluate(method, model, val_split)
+        history.append({"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        if _is_better(config, val_metrics, history, best):
+            best = (epoch, copy.deepcopy(model.state_dict()))
+        if on_epoch is not None:
+            on_epoch(epoch, val_metrics)
+
+    assert best is not None
+    selected_epoch, state = best
+    model.load_state_dict(state)
+    test_metrics, test_scores = evaluate(method, model, test_split)
+    val_metrics, _ = evaluate(method, model, val_split)
+    rates = group_rates(test_split.y.cpu().numpy(), test_scores, test_split.a.cpu().numpy())
+    rates.index = [data.group_names[int(i)] for i in rates.index]
+    rates.index.name = "group"
+    return TrainResult(test_metrics, val_metrics, selected_epoch, history, epoch_seconds, rates, model, test_scores)
+
+
+def evaluate(method: Method, model: nn.Module, split: Batch) -> tuple[dict[str, float], np.ndarray]:
+    """Scores (probabilities) and :func:`fairness_report` of ``model`` on one split."""
+    model.eval()
+    with torch.no_grad():
+        scores = torch.sigmoid(method.predict_logits(model, split.x, split.a)).cpu().numpy().astype(np.float64)
+    metrics = fairness_report(split.y.cpu().numpy(), scores, split.a.cpu().numpy())
+    return metrics, scores
+
+
+def _train_one_epoch(
+    method: Method,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Batch,
+    config: TrainConfig,
+    generator: torch.Generator,
+    epoch: int,
+) -> dict[str, float]:
+    model.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    indices = batch_indices(
+        method.sampling, split.y, split.a, batch_size=config.batch_size, iterations=config.iterations,
+        generator=generator,
+    )
+    for step, index in enumerate(indices):
+        if len(index) < 2:
+            continue  # a trailing batch of one sample has no batch statistics
+        batch = Batch(split.x[index], split.y[index], split.a[index])
+        loss, logs = method.training_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch}, batch {step} (method {method.name})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        method.after_step(model, batch)
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + value
+        steps += 1
+    return {f"train_{key}": value / max(steps, 1) for key, value in totals.items()}
+
+
+def _is_better(
+    config: TrainConfig, val: dict[str, float], history: list[dict[str, float]], best: tuple[int, Any] | None
+) -> bool:
+    if best is None or config.select == "last":
+        return True
+    previous = history[best[0]]
+    if config.select in ("dp_gap", "eodds_gap"):
+        return val[config.select] < previous[f"val_{config.select}"]
+    if config.gap_target is None:
+        return val["ap"] > previous["val_ap"]
+    gap, previous_gap = val[config.gap_metric], previous[f"val_{config.gap_metric}"]
+    meets, previous_meets = gap <= config.gap_target, previous_gap <= config.gap_target
+    if meets != previous_meets:
+        return meets
+    return val["ap"] > previous["val_ap"] if meets else gap < previous_gap
+
+
+def _to_tensors(split: Split, device: torch.device) -> Batch:
+    return Batch(
+        torch.as_tensor(split.X, dtype=torch.float32, device=device),
+        torch.as_tensor(split.y, dtype=torch.float32, device=device),
+        torch.as_tensor(split.a, dtype=torch.long, device=device),
+    )

@@ -183,8 +183,8 @@ class _GroupMixNorm(nn.Module):
         if self.num_groups is None:
             raise ValueError("eval_mode='group' needs num_groups to keep per-group running statistics")
         seen = (self.group_batches_tracked[groups] > 0).unsqueeze(1)
-        mean = torch.where(seen, self.running_group_mean[groups], self.running_mean)
-        var = torch.where(seen, self.running_group_var[groups], self.running_var)
+        mean = torch.where(seen, F.gather_rows(self.running_group_mean, groups), self.running_mean)
+        var = torch.where(seen, F.gather_rows(self.running_group_var, groups), self.running_var)
         return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
 
     def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:

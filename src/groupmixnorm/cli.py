@@ -101,8 +101,17 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
         )
 
 
-def _type_from_annotation(annotation: str) -> type:
-    return {"float": float, "int": int, "str": str, "bool": bool}.get(annotation.split("|")[0].strip(), str)
+def _type_from_annotation(annotation: str) -> Any:
+    return {"float": float, "int": int, "str": str, "bool": _parse_bool}.get(annotation.split("|")[0].strip(), str)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _add_config_options(group: argparse._ArgumentGroup) -> None:

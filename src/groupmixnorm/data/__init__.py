@@ -12,12 +12,29 @@ _LOADERS: dict[str, Callable[..., TabularDataset]] = {"adult": load_adult}
 
 
 def available_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
+    """Return the names accepted by :func:`load_dataset`, sorted."""
     return sorted(_LOADERS)
 
 
 def load_dataset(name: str, **options: Any) -> TabularDataset:
-    """Load the dataset called ``name`` with loader-specific ``options``."""
+    """Load a dataset by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available_datasets`.
+    **options
+        Passed to the dataset's loader (for ``"adult"``: :func:`load_adult`).
+
+    Returns
+    -------
+    TabularDataset
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known dataset.
+    """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
     return _LOADERS[name](**options)

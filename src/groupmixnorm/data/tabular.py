@@ -15,7 +15,17 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 @dataclass(frozen=True)
 class Split:
-    """Features ``X`` (float32, ``(n, d)``), labels ``y`` (int64 0/1) and group ids ``a`` (int64)."""
+    """One split of a dataset.
+
+    Attributes
+    ----------
+    X : numpy.ndarray
+        Features, float32, shape ``(n, d)``.
+    y : numpy.ndarray
+        Binary labels, int64 in ``{0, 1}``, shape ``(n,)``.
+    a : numpy.ndarray
+        Protected-group ids, int64 in ``0..G-1``, shape ``(n,)``.
+    """
 
     X: np.ndarray
     y: np.ndarray
@@ -27,8 +37,25 @@ class Split:
 
 @dataclass(frozen=True)
 class TabularDataset:
-    """A prepared dataset: three splits, the names behind features and groups, and the fitted preprocessor
-    (a scikit-learn ``ColumnTransformer`` that turns raw rows into ``X``)."""
+    """A prepared dataset: three splits plus what is needed to interpret and extend them.
+
+    Attributes
+    ----------
+    name : str
+        Dataset name, e.g. ``"adult"``.
+    train, val, test : Split
+        The three splits.
+    feature_names : list of str
+        Names of the columns of ``X`` after one-hot encoding (``"<column>_<value>"`` for categories).
+    sensitive : str
+        The protected attribute, e.g. ``"sex"``.
+    group_names : list of str
+        ``group_names[i]`` is the raw attribute value of group id ``i``.
+    protocol : str
+        How the splits were made, e.g. ``"official"`` or ``"fairmixup"``.
+    preprocessor : Any
+        The fitted scikit-learn ``ColumnTransformer`` that turns raw rows into ``X``.
+    """
 
     name: str
     train: Split
@@ -42,18 +69,27 @@ class TabularDataset:
 
     @property
     def num_groups(self) -> int:
+        """Number of protected groups ``G`` (ids ``0..G-1``)."""
         return len(self.group_names)
 
     @property
     def num_features(self) -> int:
+        """Width ``d`` of the feature matrices."""
         return self.train.X.shape[1]
 
     def describe(self) -> pd.DataFrame:
-        """Rows, positive rate and the share of each group, per split."""
+        """Summarize the splits.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per split (``train``, ``val``, ``test``) with the columns ``n`` (rows),
+            ``positive_rate`` and ``share_<group>`` for each group name.
+        """
         rows = {}
         for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
             shares = np.bincount(split.a, minlength=self.num_groups) / len(split)
-            rows[name] = {"rows": len(split), "positive_rate": float(split.y.mean()),
+            rows[name] = {"n": len(split), "positive_rate": float(split.y.mean()),
                           **{f"share_{g}": float(v) for g, v in zip(self.group_names, shares)}}
         return pd.DataFrame.from_dict(rows, orient="index")
 
@@ -80,5 +116,6 @@ def encode_groups(values: pd.Series, names: list[str]) -> np.ndarray:
 
 
 def to_split(frame: pd.DataFrame, preprocessor: ColumnTransformer, y: np.ndarray, a: np.ndarray) -> Split:
+    """Transform raw rows with the fitted ``preprocessor`` and pack them with their labels and groups."""
     X = np.asarray(preprocessor.transform(frame), dtype=np.float32)
     return Split(X=X, y=y.astype(np.int64), a=a.astype(np.int64))

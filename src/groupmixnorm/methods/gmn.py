@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_mlp
-from groupmixnorm.nn import use_groups
+from groupmixnorm.nn import collect_alignment, use_groups
 
 
 @dataclass
@@ -27,11 +29,14 @@ class GroupMixNormMethod(Method):
     eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group"))
     output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))
     momentum: float = option(0.1, "momentum of the running statistics")
+    align: float = option(0.0, "weight of the alignment penalty: group statistics at each layer's input")
+    align_covariance: bool = option(False, "alignment also compares channel covariances")
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         layer_options = {
             "mix": self.mix, "alpha": self.alpha, "p": self.p, "eval_mode": self.eval_mode,
             "output_scale": self.output_scale, "momentum": self.momentum,
+            "align_covariance": self.align_covariance,
         }
         return build_mlp(
             spec.in_features, spec.hidden, norm="groupmixnorm", placement=self.placement,
@@ -39,10 +44,13 @@ class GroupMixNormMethod(Method):
         )
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        with use_groups(batch.a):
+        with use_groups(batch.a), collect_alignment() if self.align > 0 else nullcontext([]) as penalties:
             logits = model(batch.x).squeeze(-1)
-        loss = binary_cross_entropy(logits, batch.y)
-        return loss, {"bce": loss.item()}
+        bce = binary_cross_entropy(logits, batch.y)
+        if not penalties:
+            return bce, {"bce": bce.item()}
+        alignment = torch.stack(penalties).sum()
+        return bce + self.align * alignment, {"bce": bce.item(), "alignment": alignment.item()}
 
     def predict_logits(self, model: nn.Module, x: Tensor, a: Tensor | None = None) -> Tensor:
         with use_groups(a if self.uses_sensitive_at_prediction() else None):

@@ -1,8 +1,8 @@
 """Accuracy, average precision and group-fairness gaps, soft (on scores) and thresholded.
 
 Soft gaps follow Fair Mixup (Chuang & Mroueh, ICLR 2021): differences of mean scores between groups.
-Thresholded gaps follow fairlearn's definitions (selection rate, true and false positive rates at a
-threshold). With more than two groups every gap is the largest over pairs of groups.
+Thresholded ("hard") gaps follow fairlearn's definitions (selection rate, true and false positive rates
+of ``scores >= threshold``). With more than two groups every gap is the largest over pairs of groups.
 
 Depends on numpy, pandas and scikit-learn only; fairlearn cross-checks these in the tests.
 """
@@ -17,106 +17,273 @@ from sklearn.metrics import average_precision_score
 
 METRIC_NAMES = ("accuracy", "ap", "dp_gap", "eopp_gap", "eodds_gap", "dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard")
 
+_LABEL_NAMES = {0: "negative", 1: "positive"}
+
+
+# ------------------------------------------------------------------------------------ classification
+
 
 def accuracy(y_true: Any, scores: Any, threshold: float = 0.5) -> float:
-    """Share of samples whose thresholded score equals the label."""
+    """Share of samples whose thresholded score equals the label.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores; a sample is predicted positive when ``score >= threshold``.
+    threshold : float, default 0.5
+        Decision threshold.
+
+    Returns
+    -------
+    float
+        Mean of ``(scores >= threshold) == y_true``.
+    """
     y, s = _labels(y_true), _scores(scores)
-    _same_length(y=y, scores=s)
+    _same_length(y_true=y, scores=s)
     return float(np.mean((s >= threshold) == y))
 
 
 def average_precision(y_true: Any, scores: Any) -> float:
-    """Average precision of the scores (scikit-learn's ``average_precision_score``)."""
+    """Average precision of the scores (scikit-learn's ``average_precision_score``).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores; higher means more likely positive.
+
+    Returns
+    -------
+    float
+        The average precision.
+    """
     y, s = _labels(y_true), _scores(scores)
-    _same_length(y=y, scores=s)
+    _same_length(y_true=y, scores=s)
     return float(average_precision_score(y, s))
 
 
+# ------------------------------------------------------------------------------------------ soft gaps
+
+
 def dp_gap(scores: Any, groups: Any) -> float:
-    """Soft demographic-parity gap: the largest difference of mean scores between two groups."""
+    """Soft demographic-parity gap: the largest difference of mean scores between two groups.
+
+    Parameters
+    ----------
+    scores : array-like of shape (n,)
+        Predicted scores, normally in [0, 1].
+    groups : array-like of shape (n,)
+        Sensitive attribute (ints or strings), at least two distinct values.
+
+    Returns
+    -------
+    float
+        ``max_a E[s | A=a] - min_a E[s | A=a]``.
+    """
     s, g = _scores(scores), _groups(groups)
     _same_length(scores=s, groups=g)
-    return _spread(_conditional_means(s, g))
+    return _spread(_group_means(s, g))
 
 
 def eopp_gap(y_true: Any, scores: Any, groups: Any) -> float:
-    """Soft equal-opportunity gap: the largest difference of mean scores on positives between groups."""
-    y, s, g = _triple(y_true, scores, groups)
-    return _spread(_conditional_means(s[y == 1], g[y == 1], expected=np.unique(g), what="positive"))
+    """Soft equal-opportunity gap: the largest difference of mean scores on positives between groups.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores, normally in [0, 1].
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values, each with a positive sample.
+
+    Returns
+    -------
+    float
+        ``max_a E[s | A=a, Y=1] - min_a E[s | A=a, Y=1]``.
+    """
+    y, s, g = _validated(y_true, scores, groups)
+    return _spread(_means_given_label(s, y, g, label=1))
 
 
 def eodds_gap(y_true: Any, scores: Any, groups: Any) -> float:
-    """Soft equalized-odds gap: over pairs of groups, the largest sum over y in {0, 1} of the differences
-    of mean scores given y (Fair Mixup's definition; a sum, unlike fairlearn's thresholded maximum)."""
-    y, s, g = _triple(y_true, scores, groups)
-    everyone = np.unique(g)
-    by_label = [
-        _conditional_means(s[y == label], g[y == label], expected=everyone, what=name)
-        for label, name in ((0, "negative"), (1, "positive"))
-    ]
-    stacked = np.stack([means.to_numpy() for means in by_label])  # (2, groups)
-    pairwise = np.abs(stacked[:, :, None] - stacked[:, None, :]).sum(axis=0)
+    """Soft equalized-odds gap, Fair Mixup's definition.
+
+    For each pair of groups ``(a, b)`` the differences of mean scores given ``Y=0`` and given ``Y=1``
+    are summed; the gap is the largest such sum. Unlike fairlearn's thresholded version this is a sum
+    over labels, not a maximum, so it is not the spread of one per-group quantity.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores, normally in [0, 1].
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values, each with positive and negative samples.
+
+    Returns
+    -------
+    float
+        ``max_{a,b} sum_{y in {0,1}} |E[s | A=a, Y=y] - E[s | A=b, Y=y]|``.
+    """
+    y, s, g = _validated(y_true, scores, groups)
+    # Rows: label 0 and 1; columns: groups in sorted order (both Series hold every group).
+    means = np.stack([_means_given_label(s, y, g, label=label).to_numpy() for label in (0, 1)])
+    pairwise = np.abs(means[:, :, None] - means[:, None, :]).sum(axis=0)
     return float(pairwise.max())
 
 
+# ------------------------------------------------------------------------------------- thresholded gaps
+
+
 def dp_gap_hard(scores: Any, groups: Any, threshold: float = 0.5) -> float:
-    """Largest difference of selection rates (``scores >= threshold``) between groups; fairlearn's
-    ``demographic_parity_difference``."""
+    """Largest difference of selection rates between groups.
+
+    Equals fairlearn's ``demographic_parity_difference`` of the predictions ``scores >= threshold``.
+
+    Parameters
+    ----------
+    scores : array-like of shape (n,)
+        Predicted scores.
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values.
+    threshold : float, default 0.5
+        Decision threshold.
+
+    Returns
+    -------
+    float
+        Max minus min over groups of ``P(s >= threshold | A=a)``, in [0, 1].
+    """
     s, g = _scores(scores), _groups(groups)
     _same_length(scores=s, groups=g)
-    return _spread(_conditional_means((s >= threshold).astype(float), g))
+    return _spread(_group_means(_predict(s, threshold), g))
 
 
 def eopp_gap_hard(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -> float:
-    """Largest difference of true positive rates between groups; fairlearn's ``equal_opportunity_difference``."""
-    y, s, g = _triple(y_true, scores, groups)
-    predicted = (s >= threshold).astype(float)
-    return _spread(_conditional_means(predicted[y == 1], g[y == 1], expected=np.unique(g), what="positive"))
+    """Largest difference of true positive rates between groups.
+
+    Equals fairlearn's ``equal_opportunity_difference`` of the predictions ``scores >= threshold``.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores.
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values, each with a positive sample.
+    threshold : float, default 0.5
+        Decision threshold.
+
+    Returns
+    -------
+    float
+        Max minus min over groups of the true positive rate.
+    """
+    y, s, g = _validated(y_true, scores, groups)
+    return _spread(_means_given_label(_predict(s, threshold), y, g, label=1))
 
 
 def eodds_gap_hard(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -> float:
-    """The larger of the true-positive-rate and false-positive-rate differences between groups;
-    fairlearn's ``equalized_odds_difference``."""
-    y, s, g = _triple(y_true, scores, groups)
-    predicted = (s >= threshold).astype(float)
-    everyone = np.unique(g)
-    fpr = _conditional_means(predicted[y == 0], g[y == 0], expected=everyone, what="negative")
-    tpr = _conditional_means(predicted[y == 1], g[y == 1], expected=everyone, what="positive")
-    return max(_spread(fpr), _spread(tpr))
+    """The larger of the true- and false-positive-rate differences between groups.
+
+    Equals fairlearn's ``equalized_odds_difference`` (default ``agg="worst_case"``) of the predictions
+    ``scores >= threshold``.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores.
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values, each with positive and negative samples.
+    threshold : float, default 0.5
+        Decision threshold.
+
+    Returns
+    -------
+    float
+        ``max(spread of TPR, spread of FPR)`` over groups.
+    """
+    y, s, g = _validated(y_true, scores, groups)
+    predicted = _predict(s, threshold)
+    return max(_spread(_means_given_label(predicted, y, g, label=label)) for label in (0, 1))
+
+
+# ----------------------------------------------------------------------------------------- summaries
 
 
 def group_rates(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -> pd.DataFrame:
     """Per-group counts, base rate, mean scores, selection rate, TPR, FPR and accuracy.
 
-    One row per group (index ``group``), in the spirit of fairlearn's ``MetricFrame.by_group``. A rate
-    with an empty denominator is NaN.
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores.
+    groups : array-like of shape (n,)
+        Sensitive attribute; a single group is allowed here.
+    threshold : float, default 0.5
+        Decision threshold for ``selection_rate``, ``tpr``, ``fpr`` and ``accuracy``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per group (sorted index named ``group``) with columns ``count``, ``positives``,
+        ``base_rate``, ``mean_score``, ``mean_score_y0``, ``mean_score_y1``, ``selection_rate``,
+        ``tpr``, ``fpr`` and ``accuracy``. A rate whose denominator is zero is NaN.
     """
-    y, s, g = _triple(y_true, scores, groups, require_two_groups=False)
-    predicted = (s >= threshold).astype(float)
+    y, s, g = _validated(y_true, scores, groups, min_groups=1)
+    predicted = _predict(s, threshold)
     frame = pd.DataFrame({"group": g, "y": y, "score": s, "selected": predicted, "correct": predicted == y})
-    by_group = frame.groupby("group", sort=True)
-    positives = frame[frame.y == 1].groupby("group")
-    negatives = frame[frame.y == 0].groupby("group")
+    everyone = frame.groupby("group", sort=True)
+    # Groups without negatives (positives) are absent below and become NaN on alignment.
+    negatives = frame[frame["y"] == 0].groupby("group")
+    positives = frame[frame["y"] == 1].groupby("group")
     table = pd.DataFrame({
-        "count": by_group.size(),
-        "positives": by_group.y.sum(),
-        "base_rate": by_group.y.mean(),
-        "mean_score": by_group.score.mean(),
-        "mean_score_y0": negatives.score.mean(),
-        "mean_score_y1": positives.score.mean(),
-        "selection_rate": by_group.selected.mean(),
-        "tpr": positives.selected.mean(),
-        "fpr": negatives.selected.mean(),
-        "accuracy": by_group.correct.mean(),
-    })
-    table["positives"] = table["positives"].astype(int)
+        "count": everyone.size(),
+        "positives": everyone["y"].sum(),
+        "base_rate": everyone["y"].mean(),
+        "mean_score": everyone["score"].mean(),
+        "mean_score_y0": negatives["score"].mean(),
+        "mean_score_y1": positives["score"].mean(),
+        "selection_rate": everyone["selected"].mean(),
+        "tpr": positives["selected"].mean(),
+        "fpr": negatives["selected"].mean(),
+        "accuracy": everyone["correct"].mean(),
+    }).sort_index()
     table.index.name = "group"
-    return table
+    return table.astype({"count": int, "positives": int})
 
 
 def fairness_report(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -> dict[str, float]:
-    """All headline metrics at once: ``accuracy, ap`` and the six gaps, as plain floats."""
-    y, s, g = _triple(y_true, scores, groups)
+    """All headline metrics at once.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n,)
+        Binary labels (0/1 or booleans).
+    scores : array-like of shape (n,)
+        Predicted scores, normally in [0, 1].
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values, each with positive and negative samples.
+    threshold : float, default 0.5
+        Decision threshold of ``accuracy`` and the hard gaps.
+
+    Returns
+    -------
+    dict of str to float
+        Keys ``accuracy, ap, dp_gap, eopp_gap, eodds_gap, dp_gap_hard, eopp_gap_hard, eodds_gap_hard``
+        (:data:`METRIC_NAMES`), values plain Python floats.
+    """
+    y, s, g = _validated(y_true, scores, groups)
     return {
         "accuracy": accuracy(y, s, threshold),
         "ap": average_precision(y, s),
@@ -132,16 +299,28 @@ def fairness_report(y_true: Any, scores: Any, groups: Any, threshold: float = 0.
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _conditional_means(
-    values: np.ndarray, groups: np.ndarray, *, expected: np.ndarray | None = None, what: str = ""
-) -> pd.Series:
+def _predict(scores: np.ndarray, threshold: float) -> np.ndarray:
+    return (scores >= threshold).astype(float)
+
+
+def _group_means(values: np.ndarray, groups: np.ndarray) -> pd.Series:
+    """Mean of ``values`` per group, sorted by group; at least two groups."""
     means = pd.Series(values).groupby(groups, sort=True).mean()
-    if expected is not None:
-        missing = sorted(set(expected.tolist()) - set(means.index.tolist()))
-        if missing:
-            raise ValueError(f"group {missing[0]!r} has no {what} samples, so the gap is undefined")
     if len(means) < 2:
         raise ValueError(f"need at least two groups to measure a gap, got {len(means)}")
+    return means
+
+
+def _means_given_label(values: np.ndarray, y: np.ndarray, groups: np.ndarray, *, label: int) -> pd.Series:
+    """Mean of ``values`` per group among samples with ``y == label``; every group must have one."""
+    chosen = y == label
+    # Not _group_means: a group without such samples must be named before "too few groups" is said.
+    means = pd.Series(values[chosen]).groupby(groups[chosen], sort=True).mean()
+    missing = sorted(set(pd.unique(groups).tolist()) - set(means.index.tolist()), key=str)
+    if missing:
+        raise ValueError(
+            f"group {missing[0]!r} has no {_LABEL_NAMES[label]} samples (y={label}), so the gap is undefined"
+        )
     return means
 
 
@@ -149,18 +328,23 @@ def _spread(means: pd.Series) -> float:
     return float(means.max() - means.min())
 
 
-def _triple(
-    y_true: Any, scores: Any, groups: Any, *, require_two_groups: bool = True
+def _validated(
+    y_true: Any, scores: Any, groups: Any, *, min_groups: int = 2
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, scores and groups as checked 1-D arrays of one length."""
     y, s, g = _labels(y_true), _scores(scores), _groups(groups)
     _same_length(y_true=y, scores=s, groups=g)
-    if require_two_groups and len(np.unique(g)) < 2:
-        raise ValueError(f"need at least two groups to measure a gap, got {len(np.unique(g))}")
+    n_groups = len(pd.unique(g))
+    if n_groups < min_groups:
+        raise ValueError(f"need at least two groups to measure a gap, got {n_groups}")
     return y, s, g
 
 
 def _one_dimensional(values: Any, name: str) -> np.ndarray:
-    array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
+    # Torch tensors (possibly on a GPU, possibly requiring grad) without importing torch.
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+    array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.size == 0:
@@ -172,23 +356,32 @@ def _labels(y_true: Any) -> np.ndarray:
     y = _one_dimensional(y_true, "y_true")
     if y.dtype == bool:
         return y.astype(int)
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"y_true must be binary 0/1, got values {np.unique(y)[:5].tolist()}")
+    is_binary = np.issubdtype(y.dtype, np.number) and np.isin(y, (0, 1)).all()
+    if not is_binary:
+        shown = pd.unique(y)[:5].tolist()
+        raise ValueError(f"y_true must be binary 0/1 (or boolean), got values such as {shown}")
     return y.astype(int)
 
 
 def _scores(scores: Any) -> np.ndarray:
-    s = _one_dimensional(scores, "scores").astype(float)
+    raw = _one_dimensional(scores, "scores")
+    if not np.issubdtype(raw.dtype, np.number) and raw.dtype != bool:
+        raise ValueError(f"scores must be numeric, got dtype {raw.dtype}")
+    s = raw.astype(float)
     if not np.isfinite(s).all():
-        raise ValueError("scores contain NaN or infinite values")
+        raise ValueError(f"scores contain NaN or infinite values ({int((~np.isfinite(s)).sum())} of {s.size})")
     return s
 
 
 def _groups(groups: Any) -> np.ndarray:
-    return _one_dimensional(groups, "groups")
+    g = _one_dimensional(groups, "groups")
+    # pandas groupby silently drops missing keys, which would lose samples without a word.
+    if pd.isna(g).any():
+        raise ValueError("groups contain missing values (NaN/None)")
+    return g
 
 
 def _same_length(**arrays: np.ndarray) -> None:
     lengths = {name: len(array) for name, array in arrays.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"inputs must have the same length, got {lengths}")
+        raise ValueError(f"inputs must have the same length, got lengths {lengths}")

@@ -5,6 +5,8 @@
 
 from groupmixnorm.nn import functional
 from groupmixnorm.nn.modules import GroupMixNorm1d, GroupMixNorm2d
-from groupmixnorm.nn.routing import current_groups, use_groups
+from groupmixnorm.nn.routing import collect_alignment, current_groups, use_groups
 
-__all__ = ["GroupMixNorm1d", "GroupMixNorm2d", "current_groups", "functional", "use_groups"]
+__all__ = [
+    "GroupMixNorm1d", "GroupMixNorm2d", "collect_alignment", "current_groups", "functional", "use_groups",
+]

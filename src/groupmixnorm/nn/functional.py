@@ -241,3 +241,38 @@ def pairwise_mixing_weights(counts: Tensor, groups: Tensor, alpha: float) -> Ten
     lam = Beta(concentration, concentration, validate_args=False).sample().unsqueeze(1)
     partner_one_hot = torch.nn.functional.one_hot(partner, num_groups).to(counts.dtype)
     return lam * own + (1 - lam) * partner_one_hot
+
+
+def alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, covariance: bool = False) -> Tensor:
+    """How far the groups' statistics of ``x`` are from the batch's, in batch-standardized units.
+
+    ``sum_g pi_g * mean_c[((mu_g - mu_B) / sigma_B)^2 + ((sigma_g - sigma_B) / sigma_B)^2]`` over the
+    eligible groups, ``pi_g`` their shares of the batch. With ``covariance=True`` the squared Frobenius
+    distance between each group's and the batch's channel covariance (of the standardized features,
+    divided by ``C^2``) is added. GroupMixNorm removes these differences from its *output*; adding this
+    penalty to the loss also removes them from its *input*, so a model evaluated without the protected
+    attribute sees group-free features too.
+    """
+    usable = eligible_groups(moments.counts)
+    shares = (moments.counts * usable) / (moments.counts * usable).sum().clamp_min(1)
+    batch_std = torch.sqrt(moments.batch_var + eps)
+    mean_term = ((moments.mean - moments.batch_mean) / batch_std) ** 2
+    std_term = ((torch.sqrt(moments.var + eps) - batch_std) / batch_std) ** 2
+    penalty = (shares * (mean_term + std_term).mean(dim=1)).sum()
+    if covariance:
+        penalty = penalty + _covariance_penalty(x, groups, moments, batch_std, shares)
+    return penalty
+
+
+def _covariance_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, batch_std: Tensor, shares: Tensor) -> Tensor:
+    features = x.transpose(0, 1).flatten(1).transpose(0, 1) if x.dim() > 2 else x  # (values, C)
+    value_groups = groups.repeat_interleave(x[0, 0].numel()) if x.dim() > 2 else groups
+    standardized = (features - moments.batch_mean) / batch_std
+    batch_cov = standardized.T @ standardized / standardized.shape[0]
+    one_hot = torch.nn.functional.one_hot(value_groups, moments.counts.shape[0]).to(x.dtype)
+    # Second moments about the batch mean, per group, from one batched product: (G, C, C).
+    group_second = torch.einsum("ng,nc,nd->gcd", one_hot, standardized, standardized)
+    group_second = group_second / moments.counts.clamp_min(1).view(-1, 1, 1)
+    difference = group_second - batch_cov
+    channels = standardized.shape[1]
+    return (shares * difference.pow(2).sum(dim=(1, 2))).sum() / channels**2

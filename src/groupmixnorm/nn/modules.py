@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.nn import functional as F
-from groupmixnorm.nn.routing import current_groups
+from groupmixnorm.nn.routing import active_penalty_collector, current_groups
 
 MixMode = Literal["shared", "pairwise"]
 EvalMode = Literal["population", "group"]
@@ -40,6 +40,7 @@ class _GroupMixNorm(nn.Module):
         track_running_stats: bool = True,
         output_scale: F.OutputScale = "batch",
         eval_mode: EvalMode = "population",
+        align_covariance: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -57,6 +58,7 @@ class _GroupMixNorm(nn.Module):
         self.track_running_stats = track_running_stats
         self.output_scale = output_scale
         self.eval_mode = eval_mode
+        self.align_covariance = align_covariance
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -158,6 +160,9 @@ class _GroupMixNorm(nn.Module):
             out = self._as_single_group(x, moments)
         if self.track_running_stats:
             self._update_running_stats(moments, mixing)
+        collector = active_penalty_collector()
+        if collector is not None:
+            collector.append(F.alignment_penalty(x, groups, moments, eps=self.eps, covariance=self.align_covariance))
         return out
 
     def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
@@ -324,6 +329,9 @@ class GroupMixNorm1d(_GroupMixNorm):
         eval_mode: ``"population"`` (default) normalizes every sample with the running population
             statistics and needs no protected attribute; ``"group"`` normalizes each sample with its group's
             running statistics and needs ``groups`` at prediction time.
+        align_covariance: whether the alignment penalty reported inside
+            :func:`~groupmixnorm.nn.collect_alignment` also compares channel covariances, not only
+            per-channel means and deviations.
 
     Degenerate batches: an absent group takes no weight; a group with fewer than two values per channel is
     normalized with the batch statistics and takes no weight; a batch with one group is batch

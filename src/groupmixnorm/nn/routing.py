@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from torch import Tensor
 
 _CURRENT_GROUPS: ContextVar[Tensor | None] = ContextVar("groupmixnorm_groups", default=None)
+_PENALTY_COLLECTOR: ContextVar[list[Tensor] | None] = ContextVar("groupmixnorm_penalties", default=None)
 
 
 @contextmanager
@@ -39,3 +40,29 @@ def use_groups(groups: Tensor | None) -> Iterator[None]:
 def current_groups() -> Tensor | None:
     """The ids set by the innermost :func:`use_groups` block, or ``None`` outside any block."""
     return _CURRENT_GROUPS.get()
+
+
+@contextmanager
+def collect_alignment() -> Iterator[list[Tensor]]:
+    """Collect the alignment penalty of every GroupMixNorm layer that runs in training inside the block.
+
+    Each layer appends one differentiable scalar (see
+    :func:`groupmixnorm.nn.functional.alignment_penalty`); add their sum, weighted, to the loss.
+
+    Examples
+    --------
+    >>> with use_groups(a), collect_alignment() as penalties:
+    ...     logits = model(x)
+    >>> loss = task_loss(logits, y) + weight * sum(penalties)
+    """
+    penalties: list[Tensor] = []
+    token = _PENALTY_COLLECTOR.set(penalties)
+    try:
+        yield penalties
+    finally:
+        _PENALTY_COLLECTOR.reset(token)
+
+
+def active_penalty_collector() -> list[Tensor] | None:
+    """The list of the innermost :func:`collect_alignment` block, or ``None``."""
+    return _PENALTY_COLLECTOR.get()

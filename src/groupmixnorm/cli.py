@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -57,7 +58,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         description="Train one model, print its test metrics and write OUT/metrics.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="adult", help="bundled dataset to train on")
     data.add_argument("--sensitive", default="sex", help="protected attribute: sex or race")
@@ -120,6 +121,9 @@ def _add_config_options(group: argparse._ArgumentGroup) -> None:
                        help="batch size (for group-balanced methods: samples per group, or per group and label)")
     group.add_argument("--iterations", type=int, default=None,
                        help="batches per epoch (default: one pass over the training data)")
+    group.add_argument("--sampling", choices=("auto", "random", "group", "group_label"), default="auto",
+                       help="batch drawing: the method's choice, shuffled passes, or balanced per group "
+                       "(per group and label)")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     group.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     group.add_argument("--hidden", default="200,200", help="hidden layer widths, comma-separated")
@@ -151,7 +155,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
         weight_decay=args.weight_decay, hidden=_parse_hidden(args.hidden), seed=args.seed, select=args.select,
-        gap_metric=args.gap_metric, gap_target=args.gap_target, device=args.device,
+        gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling,
+        device=args.device,
     )
     return RunSpec(method=args.method, method_options=given, dataset=args.dataset, sensitive=args.sensitive,
                    protocol=args.protocol, quantize=args.quantize, config=config)
@@ -186,21 +191,87 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    from groupmixnorm.experiments.bench import PLANS
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark grid (resumable) and write its runs.csv, plots and report",
+        description="Run every method and setting of a benchmark over seeds, skipping runs whose record "
+        "exists, then write RESULTS/NAME/runs.csv, RESULTS/NAME/*.png and RESULTS/NAME.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    bench.add_argument("name", choices=sorted(PLANS), help="which benchmark")
+    bench.add_argument("--quick", action="store_true", help="one setting per method, one seed, 2 short epochs")
+    bench.add_argument("--seeds", type=int, default=5, help="seeds per setting (full bench)")
+    bench.add_argument("--results-dir", type=Path, default=Path("docs/results"), help="where result files go")
+    bench.add_argument("--records-dir", type=Path, default=None,
+                       help="where run records go (default: RESULTS/NAME/records)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from groupmixnorm.experiments.bench import PLANS, RecordStore, run_plan, write_results
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    plan = PLANS[args.name](quick=args.quick, seeds=args.seeds)
+    store = RecordStore(args.records_dir or args.results_dir / plan.name / "records")
+    total = len(plan.specs())
+    bar = tqdm(total=total, desc=f"bench {plan.name}", unit="run", file=sys.stderr, disable=args.quiet)
+
+    def advance(spec: Any, record: dict[str, Any], reused: bool) -> None:
+        bar.set_postfix_str(f"{spec.method} {record['setting']} seed {spec.config.seed}" + (" (done before)" if reused else ""))
+        bar.update(1)
+
+    try:
+        records = run_plan(plan, store, on_run=advance)
+    finally:
+        bar.close()
+    command = _bench_command(args)
+    for path in write_results(plan, records, args.results_dir, command):
+        if not args.quiet:
+            print(f"wrote {path}")
+    return 0
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    words = ["groupmixnorm", "bench", args.name]
+    if args.quick:
+        words.append("--quick")
+    else:
+        words += ["--seeds", str(args.seeds)]
+    if args.results_dir != Path("docs/results"):
+        words += ["--results-dir", str(args.results_dir)]
+    return " ".join(words)
+
+
 class _epoch_progress:
-    """A tqdm bar over epochs that shows the validation AP and gaps."""
+    """A tqdm bar over epochs that shows the validation AP and gaps; it appears with the first finished
+    epoch, so an error while loading data prints only its own line."""
 
     def __init__(self, epochs: int, method: str) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=epochs, desc=f"train {method}", unit="epoch", file=sys.stderr)
+        self.epochs, self.method, self.bar = epochs, method, None
 
     def update(self, epoch: int, val: dict[str, float]) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.epochs, desc=f"train {self.method}", unit="epoch", file=sys.stderr)
         self.bar.set_postfix(val_ap=f"{val['ap']:.3f}", val_dp=f"{val['dp_gap']:.3f}",
                              val_eodds=f"{val['eodds_gap']:.3f}")
         self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def format_summary(record: dict[str, Any]) -> str:

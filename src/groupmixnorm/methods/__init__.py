@@ -7,13 +7,17 @@ from typing import Any
 from groupmixnorm.methods.adversarial import AdversarialDebiasing
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, method_fields
 from groupmixnorm.methods.erm import ERM
+from groupmixnorm.methods.expgrad import ExponentiatedGradientMethod
 from groupmixnorm.methods.fairmixup import FairMixup
 from groupmixnorm.methods.gapreg import GapRegularization
 from groupmixnorm.methods.gmn import GroupMixNormMethod
 from groupmixnorm.methods.models import build_mlp
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ERM, GroupMixNormMethod, GapRegularization, AdversarialDebiasing, FairMixup)
+    cls.name: cls
+    for cls in (
+        ERM, GroupMixNormMethod, GapRegularization, AdversarialDebiasing, FairMixup, ExponentiatedGradientMethod,
+    )
 }
 
 
@@ -30,6 +34,6 @@ def make_method(name: str, **options: Any) -> Method:
 
 
 __all__ = [
-    "METHODS", "AdversarialDebiasing", "Batch", "ERM", "FairMixup", "GapRegularization", "GroupMixNormMethod",
-    "Method", "ModelSpec", "build_mlp", "make_method",
+    "METHODS", "AdversarialDebiasing", "Batch", "ERM", "ExponentiatedGradientMethod", "FairMixup", "GapRegularization",
+    "GroupMixNormMethod", "Method", "ModelSpec", "build_mlp", "make_method",
 ]

@@ -9,13 +9,20 @@ build their flags and commands from those fields, so a new option needs no other
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from groupmixnorm.data import TabularDataset
+
 Sampling = Literal["random", "group", "group_label"]
+#: Maps a feature matrix ``(n, d)`` to scores in ``[0, 1]`` of shape ``(n,)`` (probabilities of ``y = 1``).
+Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,15 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The method's options as a plain dict (the dataclass fields)."""
         return dataclasses.asdict(self)
+
+    def fit_outside_loop(self, data: TabularDataset, seed: int) -> Scorer | None:
+        """Fit without the torch loop and return the fitted scorer, or ``None`` to use the loop (the default).
+
+        Methods that are not trained with torch (outside peers such as fairlearn's reductions) override this:
+        they fit on ``data.train`` and return a function that scores feature matrices; the loop then only
+        evaluates that scorer on the validation and test splits.
+        """
+        return None
 
     def uses_sensitive_at_prediction(self) -> bool:
         """Whether predictions need the protected attribute (a deployed model should not)."""

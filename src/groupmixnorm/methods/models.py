@@ -11,7 +11,8 @@ from groupmixnorm.nn import GroupMixNorm1d
 
 NormKind = Literal["none", "batchnorm", "groupmixnorm"]
 NORM_KINDS = ("none", "batchnorm", "groupmixnorm")
-PLACEMENTS = ("all", "first", "last")
+PLACEMENTS = ("all", "first", "last", "head", "logit")
+HEAD, LOGIT = "head", "logit"
 
 
 def build_mlp(
@@ -25,15 +26,16 @@ def build_mlp(
 ) -> nn.Sequential:
     """A ReLU multilayer perceptron with one logit output.
 
-    Each hidden block is ``Linear -> [norm] -> ReLU``. ``placement`` says which hidden blocks get the
-    normalization layer: ``"all"``, ``"first"``, ``"last"`` (just before the head), or a comma-separated list
-    of block indices such as ``"0,1"``.
+    Each hidden block is ``Linear -> [norm] -> ReLU``. ``placement`` says where the normalization layer
+    goes: ``"all"`` hidden blocks, the ``"first"`` or ``"last"`` block, ``"head"`` (after the last ReLU, so
+    that the output layer reads normalized features), ``"logit"`` (one channel: the output itself), or a
+    comma-separated list of those such as ``"0,1"`` or ``"1,head,logit"``.
     """
     if norm not in NORM_KINDS:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got {norm!r}")
     if not hidden:
         raise ValueError("hidden must name at least one layer width")
-    normalized = _placement_indices(placement, len(hidden))
+    normalized, extra = _placement_indices(placement, len(hidden))
     layers: list[nn.Module] = []
     width = in_features
     for index, out in enumerate(hidden):
@@ -42,7 +44,11 @@ def build_mlp(
             layers.append(_norm_layer(norm, out, num_groups, norm_options or {}))
         layers.append(nn.ReLU())
         width = out
+    if norm != "none" and HEAD in extra:
+        layers.append(_norm_layer(norm, width, num_groups, norm_options or {}))
     layers.append(nn.Linear(width, 1))
+    if norm != "none" and LOGIT in extra:
+        layers.append(_norm_layer(norm, 1, num_groups, norm_options or {}))
     return nn.Sequential(*layers)
 
 
@@ -52,19 +58,20 @@ def _norm_layer(norm: NormKind, width: int, num_groups: int | None, options: dic
     return GroupMixNorm1d(width, num_groups=num_groups, **options)
 
 
-def _placement_indices(placement: str, depth: int) -> set[int]:
-    if placement == "all":
-        return set(range(depth))
-    if placement == "first":
-        return {0}
-    if placement == "last":
-        return {depth - 1}
+def _placement_indices(placement: str, depth: int) -> tuple[set[int], set[str]]:
+    """The hidden-block indices that get the layer, and which of ``head`` / ``logit`` get it too."""
+    named = {"all": set(range(depth)), "first": {0}, "last": {depth - 1}}
+    if placement in named:
+        return named[placement], set()
+    parts = [part.strip() for part in placement.split(",")]
+    extra = {part for part in parts if part in (HEAD, LOGIT)}
     try:
-        indices = {int(part) for part in placement.split(",")}
+        indices = {int(part) for part in parts if part not in extra}
     except ValueError:
         raise ValueError(
-            f"placement must be one of {PLACEMENTS} or a comma-separated list of block indices, got {placement!r}"
+            f"placement must be one of {PLACEMENTS} or a comma-separated list of block indices, "
+            f"'head' and 'logit', got {placement!r}"
         ) from None
     if not indices <= set(range(depth)):
         raise ValueError(f"placement {placement!r} names blocks outside 0..{depth - 1}")
-    return indices
+    return indices, extra

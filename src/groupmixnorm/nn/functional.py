@@ -243,7 +243,9 @@ def pairwise_mixing_weights(counts: Tensor, groups: Tensor, alpha: float) -> Ten
     return lam * own + (1 - lam) * partner_one_hot
 
 
-def alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, covariance: bool = False) -> Tensor:
+def alignment_penalty(
+    x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, covariance: bool = False, quantiles: int = 0
+) -> Tensor:
     """How far the groups' statistics of ``x`` are from the batch's, in batch-standardized units.
 
     ``sum_g pi_g * mean_c[((mu_g - mu_B) / sigma_B)^2 + ((sigma_g - sigma_B) / sigma_B)^2]`` over the
@@ -252,7 +254,15 @@ def alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: 
     divided by ``C^2``) is added. GroupMixNorm removes these differences from its *output*; adding this
     penalty to the loss also removes them from its *input*, so a model evaluated without the protected
     attribute sees group-free features too.
+
+    With ``quantiles=k > 0`` the whole per-channel distributions are compared instead of two moments: the
+    squared distance between each group's and the batch's ``k`` quantiles (a 1-D Wasserstein-2 estimate).
+    Equal means and deviations leave the shapes free, and a confident classifier's scores differ between
+    groups through their shapes; on a single channel (the logit) matching quantiles bounds every
+    demographic-parity gap.
     """
+    if quantiles > 0:
+        return quantile_alignment_penalty(x, groups, moments, eps=eps, levels=quantiles)
     usable = eligible_groups(moments.counts)
     shares = (moments.counts * usable) / (moments.counts * usable).sum().clamp_min(1)
     batch_std = torch.sqrt(moments.batch_var + eps)
@@ -262,6 +272,35 @@ def alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: 
     if covariance:
         penalty = penalty + _covariance_penalty(x, groups, moments, batch_std, shares)
     return penalty
+
+
+def quantile_alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, levels: int) -> Tensor:
+    """``sum_g pi_g mean_{c,u} ((Q_g(u) - Q_B(u)) / sigma_B)^2`` at ``levels`` evenly spaced quantile levels.
+
+    Vectorized over groups: values are sorted per channel, then stably by group, so each group's sorted
+    values sit in one contiguous run; every group's quantiles are then one ``gather``. Quantiles use the
+    nearest rank, which keeps the gradient a permutation of the upstream one.
+    """
+    values = x.transpose(0, 1).flatten(1) if x.dim() > 2 else x.T  # (C, values)
+    value_groups = groups.repeat_interleave(x[0, 0].numel()) if x.dim() > 2 else groups
+    sorted_values, order = values.sort(dim=1)
+    by_group = value_groups[order].sort(dim=1, stable=True)
+    grouped = sorted_values.gather(1, by_group.indices)  # per channel: group 0's values ascending, then 1's...
+    counts = moments.counts.long()
+    starts = torch.cumsum(counts, 0) - counts
+    level = torch.linspace(0.0, 1.0, levels, dtype=x.dtype, device=x.device)
+    rank = (level.unsqueeze(0) * (counts - 1).clamp_min(0).unsqueeze(1)).round().long()  # (G, levels)
+    # Absent groups would index past the end; they take no share, so any valid index will do.
+    index = (starts.unsqueeze(1) + rank).clamp_max(values.shape[1] - 1).flatten().unsqueeze(0)
+    index = index.expand(values.shape[0], -1)
+    group_quantiles = grouped.gather(1, index).view(values.shape[0], -1, levels)  # (C, G, levels)
+    batch_rank = (level * (values.shape[1] - 1)).round().long()
+    batch_quantiles = sorted_values[:, batch_rank].unsqueeze(1)  # (C, 1, levels)
+    batch_std = torch.sqrt(moments.batch_var + eps).view(-1, 1, 1)
+    distance = ((group_quantiles - batch_quantiles) / batch_std).pow(2).mean(dim=(0, 2))  # (G,)
+    usable = eligible_groups(moments.counts)
+    shares = (moments.counts * usable) / (moments.counts * usable).sum().clamp_min(1)
+    return (shares * distance).sum()
 
 
 def _covariance_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, batch_std: Tensor, shares: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ class _GroupMixNorm(nn.Module):
         output_scale: F.OutputScale = "batch",
         eval_mode: EvalMode = "population",
         align_covariance: bool = False,
+        align_quantiles: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class _GroupMixNorm(nn.Module):
         self.output_scale = output_scale
         self.eval_mode = eval_mode
         self.align_covariance = align_covariance
+        self.align_quantiles = align_quantiles
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -162,8 +164,26 @@ class _GroupMixNorm(nn.Module):
             self._update_running_stats(moments, mixing)
         collector = active_penalty_collector()
         if collector is not None:
-            collector.append(F.alignment_penalty(x, groups, moments, eps=self.eps, covariance=self.align_covariance))
+            collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
         return out
+
+    def _alignment(
+        self, x: Tensor, groups: Tensor, moments: F.GroupMoments, table_size: int, condition: Tensor | None
+    ) -> Tensor:
+        """The alignment penalty of this input, or its share-weighted average within each condition value."""
+        options = {"eps": self.eps, "covariance": self.align_covariance, "quantiles": self.align_quantiles}
+        if condition is None:
+            return F.alignment_penalty(x, groups, moments, **options)
+        condition = condition.to(x.device).long()
+        total = x.new_zeros(())
+        for value in torch.unique(condition):  # a handful of label values, not groups
+            members = condition == value
+            if int(members.sum()) < 2:
+                continue
+            part_moments = F.group_moments(x[members], groups[members], table_size)
+            share = members.to(x.dtype).mean()
+            total = total + share * F.alignment_penalty(x[members], groups[members], part_moments, **options)
+        return total
 
     def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
         """The layer as if the batch held one group: batch norm (``output_scale="batch"``), else identity."""
@@ -332,6 +352,8 @@ class GroupMixNorm1d(_GroupMixNorm):
         align_covariance: whether the alignment penalty reported inside
             :func:`~groupmixnorm.nn.collect_alignment` also compares channel covariances, not only
             per-channel means and deviations.
+        align_quantiles: if positive, the alignment penalty compares this many quantiles of every channel
+            (whole distributions) instead of means and deviations.
 
     Degenerate batches: an absent group takes no weight; a group with fewer than two values per channel is
     normalized with the batch statistics and takes no weight; a batch with one group is batch

@@ -14,7 +14,17 @@ from contextvars import ContextVar
 from torch import Tensor
 
 _CURRENT_GROUPS: ContextVar[Tensor | None] = ContextVar("groupmixnorm_groups", default=None)
-_PENALTY_COLLECTOR: ContextVar[list[Tensor] | None] = ContextVar("groupmixnorm_penalties", default=None)
+
+
+class AlignmentPenalties(list):
+    """The penalties collected in one :func:`collect_alignment` block, and what they are conditioned on."""
+
+    def __init__(self, condition: Tensor | None = None) -> None:
+        super().__init__()
+        self.condition = condition
+
+
+_PENALTY_COLLECTOR: ContextVar[AlignmentPenalties | None] = ContextVar("groupmixnorm_penalties", default=None)
 
 
 @contextmanager
@@ -43,11 +53,14 @@ def current_groups() -> Tensor | None:
 
 
 @contextmanager
-def collect_alignment() -> Iterator[list[Tensor]]:
+def collect_alignment(condition: Tensor | None = None) -> Iterator[AlignmentPenalties]:
     """Collect the alignment penalty of every GroupMixNorm layer that runs in training inside the block.
 
     Each layer appends one differentiable scalar (see
     :func:`groupmixnorm.nn.functional.alignment_penalty`); add their sum, weighted, to the loss.
+    With ``condition`` (an ``(N,)`` integer tensor, e.g. the labels) the groups are compared within each
+    value of it and the penalties averaged with the values' shares: aligning conditionally on the label
+    targets equalized odds instead of demographic parity.
 
     Examples
     --------
@@ -55,7 +68,7 @@ def collect_alignment() -> Iterator[list[Tensor]]:
     ...     logits = model(x)
     >>> loss = task_loss(logits, y) + weight * sum(penalties)
     """
-    penalties: list[Tensor] = []
+    penalties = AlignmentPenalties(condition)
     token = _PENALTY_COLLECTOR.set(penalties)
     try:
         yield penalties
@@ -63,6 +76,6 @@ def collect_alignment() -> Iterator[list[Tensor]]:
         _PENALTY_COLLECTOR.reset(token)
 
 
-def active_penalty_collector() -> list[Tensor] | None:
+def active_penalty_collector() -> AlignmentPenalties | None:
     """The list of the innermost :func:`collect_alignment` block, or ``None``."""
     return _PENALTY_COLLECTOR.get()

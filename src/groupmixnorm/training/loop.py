@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.data import Split, TabularDataset
-from groupmixnorm.methods.base import Batch, Method, ModelSpec
+from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
 from groupmixnorm.metrics import fairness_report, group_rates
 from groupmixnorm.training.sampling import batch_indices
 
 SELECTION_RULES = ("ap", "last", "dp_gap", "eodds_gap")
+SAMPLING_CHOICES = ("auto", "random", "group", "group_label")
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,6 +36,10 @@ class TrainConfig:
     precision (among epochs whose validation ``gap_metric`` is at most ``gap_target``, if a target is
     given; the smallest gap if none meets it), ``"last"`` the final epoch, ``"dp_gap"`` / ``"eodds_gap"``
     the smallest validation gap (Fair Mixup's rule, which ignores accuracy).
+
+    ``sampling`` is how batches are drawn: ``"auto"`` lets the method choose (random for ERM and
+    GroupMixNorm, group-balanced for gap regularizers); ``"group"`` / ``"group_label"`` force balanced batches
+    of ``batch_size`` per group (per group and label) for every method, as the Fair Mixup protocol does.
     """
 
     epochs: int = 10
@@ -47,6 +52,7 @@ class TrainConfig:
     select: str = "ap"
     gap_metric: str = "dp_gap"
     gap_target: float | None = None
+    sampling: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -56,13 +62,19 @@ class TrainConfig:
             raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
         if self.select not in SELECTION_RULES:
             raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
+        if self.sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"sampling must be one of {SAMPLING_CHOICES}, got {self.sampling!r}")
         if self.gap_metric not in ("dp_gap", "eodds_gap", "eopp_gap"):
             raise ValueError(f"gap_metric must be dp_gap, eopp_gap or eodds_gap, got {self.gap_metric!r}")
 
 
 @dataclass
 class TrainResult:
-    """What a run produced: test metrics of the selected epoch, the history, timings and the model."""
+    """What a run produced: test metrics of the selected epoch, the history, timings and the model.
+
+    ``model`` is ``None`` for methods fitted outside the torch loop (:meth:`Method.fit_outside_loop`); their
+    fit counts as one epoch.
+    """
 
     metrics: dict[str, float]
     val_metrics: dict[str, float]
@@ -70,7 +82,7 @@ class TrainResult:
     history: list[dict[str, float]]
     epoch_seconds: list[float]
     group_rates: pd.DataFrame
-    model: nn.Module
+    model: nn.Module | None
     test_scores: np.ndarray = field(repr=False)
 
     @property
@@ -95,6 +107,9 @@ def train(
 ) -> TrainResult:
     """Train ``method`` on ``data`` and evaluate the selected epoch on the test split."""
     generator = seed_everything(config.seed)
+    outside = _fit_outside_loop(method, data, config, on_epoch)
+    if outside is not None:
+        return outside
     device = torch.device(config.device)
     train_split, val_split, test_split = (_to_tensors(s, device) for s in (data.train, data.val, data.test))
     model = method.build_model(ModelSpec(data.num_features, data.num_groups, tuple(config.hidden))).to(device)
@@ -120,10 +135,42 @@ def train(
     model.load_state_dict(state)
     test_metrics, test_scores = evaluate(method, model, test_split)
     val_metrics, _ = evaluate(method, model, val_split)
-    rates = group_rates(test_split.y.cpu().numpy(), test_scores, test_split.a.cpu().numpy())
+    rates = named_group_rates(data, test_split.y.cpu().numpy(), test_scores, test_split.a.cpu().numpy())
+    return TrainResult(test_metrics, val_metrics, selected_epoch, history, epoch_seconds, rates, model, test_scores)
+
+
+def named_group_rates(data: TabularDataset, y: np.ndarray, scores: np.ndarray, a: np.ndarray) -> pd.DataFrame:
+    """:func:`group_rates` of one split with the index relabelled by the dataset's group names."""
+    rates = group_rates(y, scores, a)
     rates.index = [data.group_names[int(i)] for i in rates.index]
     rates.index.name = "group"
-    return TrainResult(test_metrics, val_metrics, selected_epoch, history, epoch_seconds, rates, model, test_scores)
+    return rates
+
+
+def _fit_outside_loop(
+    method: Method,
+    data: TabularDataset,
+    config: TrainConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult | None:
+    """Fit a method that does not use the torch loop (``None`` for those that do): the fit is epoch 0."""
+    started = time.perf_counter()
+    scorer = method.fit_outside_loop(data, config.seed)
+    if scorer is None:
+        return None
+    seconds = time.perf_counter() - started
+    val_metrics, _ = _score_split(scorer, data.val)
+    if on_epoch is not None:
+        on_epoch(0, val_metrics)
+    test_metrics, test_scores = _score_split(scorer, data.test)
+    rates = named_group_rates(data, data.test.y, test_scores, data.test.a)
+    history = [{"epoch": 0, **{f"val_{k}": v for k, v in val_metrics.items()}}]
+    return TrainResult(test_metrics, val_metrics, 0, history, [seconds], rates, None, test_scores)
+
+
+def _score_split(scorer: Scorer, split: Split) -> tuple[dict[str, float], np.ndarray]:
+    scores = np.asarray(scorer(split.X), dtype=np.float64)
+    return fairness_report(split.y, scores, split.a), scores
 
 
 def evaluate(method: Method, model: nn.Module, split: Batch) -> tuple[dict[str, float], np.ndarray]:
@@ -147,8 +194,9 @@ def _train_one_epoch(
     model.train()
     totals: dict[str, float] = {}
     steps = 0
+    sampling = method.sampling if config.sampling == "auto" else config.sampling
     indices = batch_indices(
-        method.sampling, split.y, split.a, batch_size=config.batch_size, iterations=config.iterations,
+        sampling, split.y, split.a, batch_size=config.batch_size, iterations=config.iterations,
         generator=generator,
     )
     for step, index in enumerate(indices):
@@ -157,7 +205,7 @@ def _train_one_epoch(
         batch = Batch(split.x[index], split.y[index], split.a[index])
         loss, logs = method.training_loss(model, batch)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch}, batch {step} (method {method.name})")
+            raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, batch {step} (method {method.name})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -51,10 +51,10 @@ def environment_versions() -> dict[str, str]:
 
 
 def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy/torch scalars and arrays alike (.item() fails on arrays)
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,161 @@
+"""Training-step speed of GroupMixNorm against batch normalization on the CPU.
+
+Times one forward and backward pass (the module in training mode, an upstream gradient of ones) of
+``GroupMixNorm1d`` against ``torch.nn.BatchNorm1d`` and of ``GroupMixNorm2d`` against ``BatchNorm2d``, in
+one process, alternating the two layers round by round so that both see the same machine load, and
+reports medians, their ratio and the peak memory of one step.
+
+Peak memory counts the bytes of every tensor storage created during one step (forward, backward, the
+upstream gradient and the input gradient included) that are alive at the same time, tracked through a
+``TorchDispatchMode``; it is the layer's working set, not the process's resident size.
+
+    python benchmarks/layer_speed.py            # the full table
+    python benchmarks/layer_speed.py --quick    # a small subset, for a smoke test
+    python benchmarks/layer_speed.py --threads 2 --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from groupmixnorm.nn import GroupMixNorm1d, GroupMixNorm2d
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once among those created inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            storage = value.untyped_storage()
+            key, size = id(storage), storage.nbytes()
+            if size == 0 or key in self.live:
+                continue
+            self.live[key] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+
+def make_step(layer: nn.Module, x: torch.Tensor, groups: torch.Tensor | None) -> Callable[[], None]:
+    upstream = torch.ones_like(x)
+
+    def step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out = layer(x, groups) if groups is not None else layer(x)
+        out.backward(upstream)
+
+    return step
+
+
+def compare(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each callable, timed in alternation."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_bytes(step: Callable[[], None]) -> int:
+    with PeakMemory() as tracker:
+        step()
+    return tracker.peak
+
+
+def repeats_for(numel: int, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    if numel <= 1 << 18:
+        return 200
+    if numel <= 1 << 22:
+        return 40
+    return 12
+
+
+def run_case(kind: str, shape: tuple[int, ...], num_groups: int, mix: str, repeats: int | None) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen).requires_grad_()
+    groups = torch.randint(0, num_groups, (shape[0],), generator=gen)
+    channels = shape[1]
+    if kind == "1d":
+        gmn, bn = GroupMixNorm1d(channels, num_groups=num_groups, mix=mix), nn.BatchNorm1d(channels)
+    else:
+        gmn, bn = GroupMixNorm2d(channels, num_groups=num_groups, mix=mix), nn.BatchNorm2d(channels)
+    steps = {"gmn": make_step(gmn, x, groups), "bn": make_step(bn, x, None)}
+    count = repeats_for(x.numel(), repeats)
+    medians = compare(steps, count, warmup=max(2, count // 10))
+    return {
+        "shape": shape,
+        "G": num_groups,
+        "mix": mix,
+        "gmn_ms": medians["gmn"] * 1e3,
+        "bn_ms": medians["bn"] * 1e3,
+        "ratio": medians["gmn"] / medians["bn"],
+        "gmn_mib": peak_bytes(steps["gmn"]) / 2**20,
+        "bn_mib": peak_bytes(steps["bn"]) / 2**20,
+        "repeats": count,
+    }
+
+
+def cases(quick: bool, mixes: list[str]) -> list[tuple[str, tuple[int, ...], int, str]]:
+    sizes = [256, 4096] if quick else [256, 4096, 65536]
+    channels = [64] if quick else [64, 512]
+    group_counts = [2, 64] if quick else [2, 8, 64]
+    out = [("1d", (n, c), g, mix) for mix in mixes for n in sizes for c in channels for g in group_counts]
+    image = (16, 64, 16, 16) if quick else (64, 64, 32, 32)
+    out += [("2d", image, g, mix) for mix in mixes for g in ([2] if quick else [2, 8])]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset of the sizes")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per layer (default: by size)")
+    parser.add_argument("--pairwise", action="store_true", help="also time mix='pairwise'")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    mixes = ["shared", "pairwise"] if args.pairwise else ["shared"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); median fwd+bwd per training step")
+    header = f"{'layer':<6} {'shape':<18} {'G':>3} {'mix':<8} {'GMN ms':>9} {'BN ms':>9} {'ratio':>6} {'GMN MiB':>8} {'BN MiB':>7} {'reps':>5}"
+    print(header)
+    print("-" * len(header))
+    for kind, shape, num_groups, mix in cases(args.quick, mixes):
+        row = run_case(kind, shape, num_groups, mix, args.repeats)
+        print(
+            f"{kind:<6} {str(row['shape']):<18} {row['G']:>3} {row['mix']:<8} {row['gmn_ms']:>9.3f} {row['bn_ms']:>9.3f} "
+            f"{row['ratio']:>6.2f} {row['gmn_mib']:>8.1f} {row['bn_mib']:>7.1f} {row['repeats']:>5}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Tables, trade-off fronts and plots made from bench records (never typed by hand)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from groupmixnorm.training import write_text_atomic
+
+SUMMARY_METRICS = ("accuracy", "ap", "dp_gap", "eodds_gap", "dp_gap_hard", "eodds_gap_hard")
+GAP_THRESHOLDS = (0.02, 0.05, 0.10)
+FRONT_GAPS = ("dp_gap", "eodds_gap")
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per (method, setting), with the seed count and the
+    per-epoch time relative to ERM (median ERM epoch of the same records)."""
+    grouped = runs.groupby(["method", "setting"], sort=False)
+    table = grouped[list(SUMMARY_METRICS)].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    table["epoch_seconds"] = grouped["epoch_seconds"].median()
+    erm = runs.loc[runs["method"] == "erm", "epoch_seconds"]
+    table["time_vs_erm"] = table["epoch_seconds"] / erm.median() if len(erm) else np.nan
+    return table.reset_index()
+
+
+def pareto_front(points: pd.DataFrame, gap: str) -> pd.DataFrame:
+    """The settings not beaten on both axes (lower mean ``gap`` and higher mean AP), sorted by gap."""
+    ordered = points.sort_values([f"{gap}_mean", "ap_mean"], ascending=[True, False])
+    best_ap = -np.inf
+    keep = []
+    for index, row in ordered.iterrows():
+        if row["ap_mean"] > best_ap:
+            keep.append(index)
+            best_ap = row["ap_mean"]
+    return ordered.loc[keep]
+
+
+def best_ap_under(summary: pd.DataFrame, gap: str, thresholds: Sequence[float] = GAP_THRESHOLDS) -> pd.DataFrame:
+    """For each method and threshold t: the best mean AP among its settings whose mean ``gap`` is <= t
+    (blank where no setting qualifies), and the setting that achieves it."""
+    rows = []
+    for method, points in summary.groupby("method", sort=False):
+        row: dict[str, object] = {"method": method}
+        for threshold in thresholds:
+            eligible = points[points[f"{gap}_mean"] <= threshold]
+            if eligible.empty:
+                row[f"<= {threshold:g}"] = ""
+                continue
+            best = eligible.loc[eligible["ap_mean"].idxmax()]
+            row[f"<= {threshold:g}"] = f"{best['ap_mean']:.4f} ({best['setting']})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_fronts(summary: pd.DataFrame, gap: str, path: Path, title: str) -> Path:
+    """AP against a gap, one marker per setting with standard-deviation bars, each method's front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 5.0))
+    for color, (method, points) in zip(plt.cm.tab10.colors, summary.groupby("method", sort=False)):
+        axes.errorbar(points[f"{gap}_mean"], points["ap_mean"], xerr=points[f"{gap}_std"].fillna(0),
+                      yerr=points["ap_std"].fillna(0), fmt="o", color=color, alpha=0.45, markersize=4)
+        front = pareto_front(points, gap)
+        axes.plot(front[f"{gap}_mean"], front["ap_mean"], "-o", color=color, label=method, markersize=5)
+    axes.set_xlabel(f"{gap} (test, mean over seeds; lower is fairer)")
+    axes.set_ylabel("average precision (test, mean over seeds)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def format_summary_table(summary: pd.DataFrame) -> str:
+    """Markdown table of mean +- std per method and setting."""
+    header = "| method | setting | seeds | " + " | ".join(SUMMARY_METRICS) + " | s/epoch | time vs ERM |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for _, row in summary.iterrows():
+        cells = [f"{row[f'{m}_mean']:.4f} ± {0.0 if np.isnan(row[f'{m}_std']) else row[f'{m}_std']:.4f}"
+                 for m in SUMMARY_METRICS]
+        lines.append(f"| {row['method']} | `{row['setting']}` | {row['seeds']} | " + " | ".join(cells)
+                     + f" | {row['epoch_seconds']:.3f} | {row['time_vs_erm']:.2f}x |")
+    return "\n".join(lines)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (pandas' ``to_markdown`` would need the tabulate package)."""
+    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def write_csv_atomic(table: pd.DataFrame, path: Path) -> Path:
+    return write_text_atomic(path, table.to_csv(index=False))

@@ -1,23 +1,34 @@
 """Training-step speed of GroupMixNorm against batch normalization on the CPU.
 
-Times one forward and backward pass (the module in training mode, an upstream gradient of ones) of
-``GroupMixNorm1d`` against ``torch.nn.BatchNorm1d`` and of ``GroupMixNorm2d`` against ``BatchNorm2d``, in
-one process, alternating the two layers round by round so that both see the same machine load, and
-reports medians, their ratio and the peak memory of one step.
+Times one training step (forward and backward, upstream gradient of ones, module in training mode) of
+``GroupMixNorm1d`` against ``torch.nn.BatchNorm1d`` and of ``GroupMixNorm2d`` against ``BatchNorm2d``,
+in one process, alternating the two layers step by step so that both see the same machine load, and
+reports the medians, their ratio and the peak memory of one step.
 
-Peak memory counts the bytes of every tensor storage created during one step (forward, backward, the
-upstream gradient and the input gradient included) that are alive at the same time, tracked through a
-``TorchDispatchMode``; it is the layer's working set, not the process's resident size.
+Two clocks are read around every step: wall time and the thread's CPU time. On a machine shared with
+other jobs the CPU-time ratio is the steadier of the two (it leaves out time spent descheduled).
 
-    python benchmarks/layer_speed.py            # the full table
-    python benchmarks/layer_speed.py --quick    # a small subset, for a smoke test
-    python benchmarks/layer_speed.py --threads 2 --repeats 50
+Peak memory counts the bytes of the tensor storages created during one step (forward, backward and the
+input gradient; the input and the upstream gradient exist before) that are alive at the same time,
+tracked with a ``TorchDispatchMode``: the layer's working set, not the process's resident size.
+
+glibc returns freed heap memory at the top of the heap to the system once more than twice the largest
+recently freed block is free, so a step that allocates a few batch-sized buffers may fault all their
+pages in again on every step, which can cost as much as the arithmetic (for both layers). ``--steady-malloc``
+re-runs the script with ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TOP_PAD_`` set so that
+freed memory is kept and reused, which shows the cost of the computation alone.
+
+    python benchmarks/layer_speed.py             # the full table
+    python benchmarks/layer_speed.py --quick     # a small subset, for a smoke test
+    python benchmarks/layer_speed.py --pairwise  # also mix="pairwise"
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -28,6 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from groupmixnorm.nn import GroupMixNorm1d, GroupMixNorm2d
+
+_STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TOP_PAD_": "268435456"}
 
 
 class PeakMemory(TorchDispatchMode):
@@ -70,18 +83,20 @@ def make_step(layer: nn.Module, x: torch.Tensor, groups: torch.Tensor | None) ->
     return step
 
 
-def compare(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each callable, timed in alternation."""
+def compare(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, CPU seconds) per step of each callable, timed in alternation."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
             step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            cpu[name].append(time.thread_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps}
 
 
 def peak_bytes(step: Callable[[], None]) -> int:
@@ -95,9 +110,11 @@ def repeats_for(numel: int, requested: int | None) -> int:
         return requested
     if numel <= 1 << 18:
         return 200
-    if numel <= 1 << 22:
-        return 40
-    return 12
+    if numel <= 1 << 21:
+        return 60
+    if numel <= 1 << 23:
+        return 20
+    return 8
 
 
 def run_case(kind: str, shape: tuple[int, ...], num_groups: int, mix: str, repeats: int | None) -> dict:
@@ -116,9 +133,10 @@ def run_case(kind: str, shape: tuple[int, ...], num_groups: int, mix: str, repea
         "shape": shape,
         "G": num_groups,
         "mix": mix,
-        "gmn_ms": medians["gmn"] * 1e3,
-        "bn_ms": medians["bn"] * 1e3,
-        "ratio": medians["gmn"] / medians["bn"],
+        "gmn_ms": medians["gmn"][0] * 1e3,
+        "bn_ms": medians["bn"][0] * 1e3,
+        "ratio": medians["gmn"][0] / medians["bn"][0],
+        "cpu_ratio": medians["gmn"][1] / medians["bn"][1],
         "gmn_mib": peak_bytes(steps["gmn"]) / 2**20,
         "bn_mib": peak_bytes(steps["bn"]) / 2**20,
         "repeats": count,
@@ -141,20 +159,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per layer (default: by size)")
     parser.add_argument("--pairwise", action="store_true", help="also time mix='pairwise'")
+    parser.add_argument("--steady-malloc", action="store_true", help="re-run with glibc told to keep freed memory")
     args = parser.parse_args(argv)
+    if args.steady_malloc and any(os.environ.get(k) != v for k, v in _STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_STEADY_MALLOC})
     torch.set_num_threads(args.threads)
     mixes = ["shared", "pairwise"] if args.pairwise else ["shared"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); median fwd+bwd per training step")
-    header = f"{'layer':<6} {'shape':<18} {'G':>3} {'mix':<8} {'GMN ms':>9} {'BN ms':>9} {'ratio':>6} {'GMN MiB':>8} {'BN MiB':>7} {'reps':>5}"
+    malloc = "steady (freed memory kept)" if args.steady_malloc else "default"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc {malloc}; medians of one training step")
+    header = (f"{'layer':<5} {'shape':<18} {'G':>3} {'mix':<8} {'GMN ms':>9} {'BN ms':>9} {'ratio':>6} {'cpu':>6} "
+              f"{'GMN MiB':>8} {'BN MiB':>7} {'reps':>5}")
     print(header)
     print("-" * len(header))
     for kind, shape, num_groups, mix in cases(args.quick, mixes):
         row = run_case(kind, shape, num_groups, mix, args.repeats)
         print(
-            f"{kind:<6} {str(row['shape']):<18} {row['G']:>3} {row['mix']:<8} {row['gmn_ms']:>9.3f} {row['bn_ms']:>9.3f} "
-            f"{row['ratio']:>6.2f} {row['gmn_mib']:>8.1f} {row['bn_mib']:>7.1f} {row['repeats']:>5}",
+            f"{kind:<5} {str(row['shape']):<18} {row['G']:>3} {row['mix']:<8} {row['gmn_ms']:>9.3f} {row['bn_ms']:>9.3f} "
+            f"{row['ratio']:>6.2f} {row['cpu_ratio']:>6.2f} {row['gmn_mib']:>8.1f} {row['bn_mib']:>7.1f} {row['repeats']:>5}",
             flush=True,
         )
+    print("ms: wall-clock medians; ratio: GMN / BN wall time; cpu: GMN / BN thread CPU time; "
+          "MiB: peak of tensors created in one step")
 
 
 if __name__ == "__main__":

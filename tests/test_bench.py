@@ -6,18 +6,9 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from groupmixnorm import cli
 from groupmixnorm.experiments import bench, report
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +100,16 @@ def test_pareto_front_and_best_ap_under_a_bound():
     assert table.iloc[0]["<= 0.005"] == ""
     assert table.iloc[0]["<= 0.05"].startswith("0.7500 (d)")
     assert table.iloc[0]["<= 0.5"].startswith("0.8000 (a)")
+
+
+def test_goal_check_names_the_peers_that_beat_gmn_and_skips_attribute_users():
+    summary = _summary_rows([
+        ("erm", "default", 0, 0.80, 0.20, 1.0),
+        ("gmn", "a", 0, 0.78, 0.04, 1.0), ("gmn", "b", 0, 0.79, 0.01, 1.0),
+        ("gapreg", "x", 0, 0.77, 0.04, 1.0), ("fairmixup", "y", 0, 0.785, 0.015, 1.0),
+    ])
+    summary.attrs["needs_attribute"] = [("gmn", "b")]
+    lines = report.goal_check(summary, thresholds=(0.02, 0.05))
+    assert "dp_gap <= 0.02: no gmn setting reaches the bound." in lines[0]
+    assert lines[1].endswith("best gmn AP 0.7800, is beaten by fairmixup (0.7850).")  # gapreg 0.77 is not
+    assert lines[-1].endswith("0.975 x ERM's AP (goal: >= 0.95).")

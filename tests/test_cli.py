@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from groupmixnorm import cli
 from groupmixnorm.experiments import METRIC_KEYS
@@ -20,14 +19,6 @@ REQUIRED_KEYS = {
     "accuracy", "ap", "dp_gap", "eopp_gap", "eodds_gap", "dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard",
     "method", "setting", "seed", "command", "timings", "group_rates", "history",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _spec(argv: list[str]):

@@ -331,3 +331,162 @@ def test_a_trained_model_exports_to_onnx_without_the_attribute(tmp_path) -> None
     (onnx_out,) = session.run(None, {"features": other.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_out), model(other).detach(), atol=1e-5, rtol=1e-5)
     assert [i.name for i in session.get_inputs()] == ["features"]
+
+
+# ------------------------------------------------------------------------------ fused-path equivalence
+
+
+def _reference_layer(x, groups, mixing, num_groups, weight, bias, eps, output_scale):
+    """GroupMixNorm written the plain way (boolean masks, advanced indexing, ordinary autograd).
+
+    Returns the output and the moments ``(mean, var, batch_mean, batch_var)``; absent groups get zeros.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    spatial = (1,) * (x.dim() - 2)
+    rows = lambda t: t.reshape(t.shape[0], -1, *spatial)  # noqa: E731  (N, C) -> broadcast over (N, C, *)
+    channels = lambda t: t.reshape(1, -1, *spatial)  # noqa: E731
+    counts = torch.stack([(groups == g).sum() for g in range(num_groups)]) * x[0, 0].numel()
+    zeros = x.new_zeros(x.shape[1])
+    mean = torch.stack([x[groups == g].mean(dims) if counts[g] > 0 else zeros for g in range(num_groups)])
+    var = torch.stack([x[groups == g].var(dims, unbiased=False) if counts[g] > 0 else zeros for g in range(num_groups)])
+    batch_mean, batch_var = x.mean(dims), x.var(dims, unbiased=False)
+    usable = (counts >= 2).unsqueeze(1)
+    table_mean = torch.where(usable, mean, batch_mean)
+    table_std = torch.sqrt(torch.where(usable, var, batch_var) + eps)
+    mixed_mean, mixed_std = mixing @ table_mean, mixing @ table_std
+    if mixing.dim() == 1:
+        mixed_mean, mixed_std = channels(mixed_mean), channels(mixed_std)
+    else:
+        mixed_mean, mixed_std = rows(mixed_mean), rows(mixed_std)
+    y = mixed_std * (x - rows(table_mean[groups])) / rows(table_std[groups]) + mixed_mean
+    if output_scale == "batch":
+        y = (y - channels(batch_mean)) / channels(torch.sqrt(batch_var + eps))
+    if weight is not None:
+        y = y * channels(weight) + channels(bias)
+    return y, (mean, var, batch_mean, batch_var)
+
+
+@pytest.mark.parametrize("output_scale", ["batch", "mixed"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shape", [(9, 3), (8, 2, 3), (7, 2, 2, 3)])
+@pytest.mark.parametrize("degenerate", [True, False])
+@pytest.mark.parametrize("large_input_paths", [False, True])
+def test_fused_gradients_match_a_plain_autograd_reference(
+    output_scale, affine, shared, shape, degenerate, large_input_paths, monkeypatch
+) -> None:
+    """Outputs, moments and the gradients of x, weight, bias and mixing agree with the plain formulation.
+
+    ``degenerate`` batches have an absent group (1) and a singleton group (3), whose table rows fall back
+    to the batch statistics; the others have every group present with at least two samples.
+    ``large_input_paths`` forces what large batches use (sorted segment sums, passes over blocks of rows,
+    here of two rows with a shorter last one) onto this small one.
+    """
+    if large_input_paths:
+        monkeypatch.setattr(F, "_EMBEDDING_BAG_ABOVE", 0)
+        monkeypatch.setattr(F, "_BLOCKED_ABOVE", 0)
+        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 2 * shape[1])
+    gen = torch.Generator().manual_seed(17)
+    n, channels = shape[0], shape[1]
+    ids = [0, 2, 0, 2, 0, 3, 2, 0, 2] if degenerate else [0, 1, 2, 3, 3, 2, 1, 0, 1]
+    groups, num_groups = torch.tensor(ids[:n]), 4
+    x = (torch.randn(*shape, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
+    weight = torch.rand(channels, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_() if affine else None
+    bias = torch.randn(channels, dtype=torch.float64, generator=gen).requires_grad_() if affine else None
+    if shared:
+        mixing = torch.tensor([0.3, 0.1, 0.4, 0.2], dtype=torch.float64)
+    else:
+        mixing = torch.softmax(torch.randn(n, num_groups, dtype=torch.float64, generator=gen), dim=1)
+    mixing.requires_grad_()
+    leaves = [t for t in (x, weight, bias, mixing) if t is not None]
+    upstream = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    # Random weights on the moments too: a penalty on them sends gradients through the same backward.
+    moment_weights = torch.randn(4, num_groups, channels, dtype=torch.float64, generator=gen)
+
+    def loss(y, moments):
+        mean, var, batch_mean, batch_var = moments
+        return ((y * upstream).sum() + (mean * moment_weights[0]).sum() + (var * moment_weights[1]).sum()
+                + (batch_mean * moment_weights[2, 0]).sum() + (batch_var * moment_weights[3, 0]).sum())
+
+    counts, segments = F._counts_and_segments(groups, num_groups, F._values_per_sample(x), x.dtype)
+    if shared:
+        y, moments = F._shared_mix_norm(x, segments, counts, mixing, 1e-5, output_scale, weight, bias, with_moments=True)
+    else:
+        moments = F.group_moments(x, groups, num_groups, counts=counts, segments=segments)
+        y = F._group_mix_norm(x, groups, mixing, moments, 1e-5, output_scale, weight, bias, segments)[0]
+    expected_y, expected_moments = _reference_layer(x, groups, mixing, num_groups, weight, bias, 1e-5, output_scale)
+    torch.testing.assert_close(y, expected_y, atol=1e-10, rtol=1e-10)
+    for got, expected in zip(moments[1:], expected_moments):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+    grads = torch.autograd.grad(loss(y, moments[1:]), leaves)
+    expected_grads = torch.autograd.grad(loss(expected_y, expected_moments), leaves)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # The public entry point, the same through finite differences.
+    def public(*inputs):
+        named = dict(zip(("x", "weight", "bias", "mixing"), [t for t in (x, weight, bias, mixing)]))
+        named.update({k: v for k, v in zip([k for k, t in named.items() if t is not None], inputs)})
+        return F.group_mix_norm(named["x"], groups, named["mixing"], num_groups=num_groups, weight=named["weight"],
+                                bias=named["bias"], output_scale=output_scale)
+
+    assert torch.autograd.gradcheck(public, tuple(leaves))
+
+
+@pytest.mark.parametrize("large_input_paths", [False, True])
+def test_fused_path_handles_strided_inputs_and_broadcast_gradients(large_input_paths, monkeypatch) -> None:
+    """A transposed (non-contiguous) input and the expanded gradient of ``.sum()`` give the reference result."""
+    if large_input_paths:
+        monkeypatch.setattr(F, "_EMBEDDING_BAG_ABOVE", 0)
+        monkeypatch.setattr(F, "_BLOCKED_ABOVE", 0)
+        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 8)
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(5, 11, dtype=torch.float64, generator=gen).requires_grad_()
+    groups = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
+    mixing = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
+    bias = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
+    x = base.t()  # (11, 5), not contiguous
+    y = F.group_mix_norm(x, groups, mixing, num_groups=3, weight=weight, bias=bias)
+    expected, _ = _reference_layer(x, groups, mixing, 3, weight, bias, 1e-5, "batch")
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    weights = torch.linspace(-1, 1, 55, dtype=torch.float64).reshape(11, 5)
+    for loss, expected_loss in (((y * weights).sum(), (expected * weights).sum()), ((y**2).sum(), (expected**2).sum())):
+        grads = torch.autograd.grad(loss, (base, weight, bias), retain_graph=True)
+        expected_grads = torch.autograd.grad(expected_loss, (base, weight, bias), retain_graph=True)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    # The expanded upstream gradient of a plain sum.
+    (grad,) = torch.autograd.grad(F.group_mix_norm(x, groups, mixing, num_groups=3).sum(), base)
+    (want,) = torch.autograd.grad(_reference_layer(x, groups, mixing, 3, None, None, 1e-5, "batch")[0].sum(), base)
+    torch.testing.assert_close(grad, want, atol=1e-8, rtol=1e-8)
+
+
+def test_module_training_step_matches_the_reference_layer_with_the_same_draw() -> None:
+    """The module's fused training path (drawing its mixture from the global generator) equals the plain
+    formulation with that same draw, output and gradients, and the running statistics see the batch."""
+    x, a = biased_batch(n=40, channels=5, groups=4)
+    x = x.double().requires_grad_()
+    layer = GroupMixNorm1d(5, num_groups=4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    torch.manual_seed(31)
+    y = layer(x, a)
+    torch.manual_seed(31)
+    counts = F.group_counts(a, 4, dtype=torch.float64)
+    mixing = F.shared_mixing_weights(counts, layer.alpha)
+    expected, (mean, var, batch_mean, batch_var) = _reference_layer(
+        x, a, mixing, 4, layer.weight, layer.bias, layer.eps, "batch"
+    )
+    torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad((y * upstream).sum(), (x, layer.weight, layer.bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, layer.weight, layer.bias))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(layer.running_mean, 0.1 * batch_mean.detach())
+    torch.testing.assert_close(layer.running_group_mean, 0.1 * mean.detach())
+    table_std = torch.sqrt(var.detach() + layer.eps)
+    torch.testing.assert_close(layer.running_mix_std, 0.9 * (1 + layer.eps) ** 0.5 + 0.1 * (mixing @ table_std))

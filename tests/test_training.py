@@ -20,15 +20,6 @@ from groupmixnorm.training.sampling import batch_indices
 NOT_TRAINED_BY_LOOP = {"expgrad"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models on a shared machine are many times faster on one thread than on several.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_data(n: int = 600, d: int = 6, seed: int = 0, shift: float = 2.0) -> TabularDataset:
     """Two groups; feature 0 is shifted by ``shift`` for group 1 and drives the label, so an
     unconstrained model predicts very different positive rates for the two groups."""

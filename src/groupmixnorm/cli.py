@@ -83,23 +83,32 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_method_options(group: argparse._ArgumentGroup) -> None:
-    """One flag per method option; each flag lists the methods it applies to."""
+    """One flag per method option; each flag lists the methods it applies to and their defaults."""
     from groupmixnorm.methods import METHODS
     from groupmixnorm.methods.base import method_fields
 
-    owners: dict[str, list[str]] = {}
-    fields: dict[str, Any] = {}
+    owners: dict[str, list[tuple[str, Any]]] = {}
     for name, cls in sorted(METHODS.items()):
         for item in method_fields(cls):
-            owners.setdefault(item.name, []).append(name)
-            fields.setdefault(item.name, item)
-    for option_name, item in fields.items():
-        kind = item.type if isinstance(item.type, type) else _type_from_annotation(item.type)
+            owners.setdefault(item.name, []).append((name, item))
+    for option_name, users in owners.items():
+        first = users[0][1]
+        kind = first.type if isinstance(first.type, type) else _type_from_annotation(first.type)
+        description = SHARED_OPTION_HELP.get(option_name, first.metadata.get("help", "")) if len(users) > 1 \
+            else first.metadata.get("help", "")
+        defaults = ", ".join(f"{method} {item.default}" for method, item in users)
         group.add_argument(
             "--" + option_name.replace("_", "-"), dest=f"method_{option_name}", type=kind,
-            choices=item.metadata.get("choices"), default=None,
-            help=f"{item.metadata.get('help', '')} [{', '.join(owners[option_name])}; default {item.default}]",
+            choices=first.metadata.get("choices"), default=argparse.SUPPRESS,
+            help=f"{description} [default: {defaults}]",
         )
+
+
+#: Help for options that several methods share (each method's docstring says what it does with them).
+SHARED_OPTION_HELP = {
+    "lam": "weight of the method's fairness term in the loss",
+    "fairness": "criterion the method targets: dp (demographic parity) or eo (equalized odds)",
+}
 
 
 def _type_from_annotation(annotation: str) -> Any:
@@ -211,6 +220,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--results-dir", type=Path, default=Path("docs/results"), help="where result files go")
     bench.add_argument("--records-dir", type=Path, default=None,
                        help="where run records go (default: RESULTS/NAME/records)")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated methods to run (default: all); the report covers what was run")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_run_bench)
 
@@ -223,6 +234,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     plan = PLANS[args.name](quick=args.quick, seeds=args.seeds)
+    if args.methods:
+        plan = _only_methods(plan, args.methods)
     store = RecordStore(args.records_dir or args.results_dir / plan.name / "records")
     total = len(plan.specs())
     bar = tqdm(total=total, desc=f"bench {plan.name}", unit="run", file=sys.stderr, disable=args.quiet)
@@ -242,12 +255,24 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _only_methods(plan: Any, methods: str) -> Any:
+    import dataclasses
+
+    wanted = {name.strip() for name in methods.split(",") if name.strip()}
+    known = {setting.method for setting in plan.settings}
+    if not wanted or not wanted <= known:
+        raise UsageError(f"--methods must name methods of the {plan.name} bench ({', '.join(sorted(known))}), got {methods!r}")
+    return dataclasses.replace(plan, settings=tuple(s for s in plan.settings if s.method in wanted))
+
+
 def _bench_command(args: argparse.Namespace) -> str:
     words = ["groupmixnorm", "bench", args.name]
     if args.quick:
         words.append("--quick")
     else:
         words += ["--seeds", str(args.seeds)]
+    if args.methods:
+        words += ["--methods", args.methods]
     if args.results_dir != Path("docs/results"):
         words += ["--results-dir", str(args.results_dir)]
     return " ".join(words)
@@ -271,6 +296,7 @@ class _epoch_progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.total = self.bar.n  # a method fitted outside the loop reports one "epoch"
             self.bar.close()
 
 

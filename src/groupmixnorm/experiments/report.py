@@ -57,6 +57,35 @@ def best_ap_under(summary: pd.DataFrame, gap: str, thresholds: Sequence[float] =
     return pd.DataFrame(rows)
 
 
+def goal_check(summary: pd.DataFrame, method: str = "gmn", thresholds: Sequence[float] = GAP_THRESHOLDS) -> list[str]:
+    """Plain-language verdicts: does ``method``'s best AP under each gap bound match every peer's?
+
+    Settings whose ``setting`` is listed in ``summary.attrs["needs_attribute"]`` (they use the protected
+    attribute at prediction time) are left out on both sides, since a deployed model must not need it.
+    """
+    excluded = set(summary.attrs.get("needs_attribute", ()))
+    usable = summary[[(m, s) not in excluded for m, s in zip(summary["method"], summary["setting"])]]
+    lines = []
+    for gap in FRONT_GAPS:
+        for threshold in thresholds:
+            eligible = usable[usable[f"{gap}_mean"] <= threshold]
+            best = eligible.groupby("method")["ap_mean"].max()
+            if method not in best:
+                lines.append(f"- {gap} <= {threshold:g}: no {method} setting reaches the bound.")
+                continue
+            peers = best.drop(method)
+            beaten_by = peers[peers > best[method]]
+            verdict = "matches or beats every peer" if beaten_by.empty else "is beaten by " + ", ".join(
+                f"{peer} ({ap:.4f})" for peer, ap in beaten_by.sort_values(ascending=False).items())
+            lines.append(f"- {gap} <= {threshold:g}: best {method} AP {best[method]:.4f}, {verdict}.")
+    erm = usable.loc[usable["method"] == "erm", "ap_mean"]
+    fair = usable[(usable["method"] == method) & (usable["dp_gap_mean"] <= 0.05)]
+    if len(erm) and not fair.empty:
+        ratio = fair["ap_mean"].max() / erm.iloc[0]
+        lines.append(f"- At dp_gap <= 0.05, the best {method} AP is {ratio:.3f} x ERM's AP (goal: >= 0.95).")
+    return lines
+
+
 def plot_fronts(summary: pd.DataFrame, gap: str, path: Path, title: str) -> Path:
     """AP against a gap, one marker per setting with standard-deviation bars, each method's front drawn."""
     import matplotlib
@@ -85,13 +114,16 @@ def plot_fronts(summary: pd.DataFrame, gap: str, path: Path, title: str) -> Path
 
 
 def format_summary_table(summary: pd.DataFrame) -> str:
-    """Markdown table of mean +- std per method and setting."""
+    """Markdown table of mean +- std per method and setting; † marks settings that need the protected
+    attribute at prediction time."""
     header = "| method | setting | seeds | " + " | ".join(SUMMARY_METRICS) + " | s/epoch | time vs ERM |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    needs_attribute = set(summary.attrs.get("needs_attribute", ()))
     for _, row in summary.iterrows():
+        mark = " †" if (row["method"], row["setting"]) in needs_attribute else ""
         cells = [f"{row[f'{m}_mean']:.4f} ± {0.0 if np.isnan(row[f'{m}_std']) else row[f'{m}_std']:.4f}"
                  for m in SUMMARY_METRICS]
-        lines.append(f"| {row['method']} | `{row['setting']}` | {row['seeds']} | " + " | ".join(cells)
+        lines.append(f"| {row['method']} | `{row['setting']}`{mark} | {row['seeds']} | " + " | ".join(cells)
                      + f" | {row['epoch_seconds']:.3f} | {row['time_vs_erm']:.2f}x |")
     return "\n".join(lines)
 

@@ -18,8 +18,8 @@ class GroupMixNormMethod(Method):
     """An MLP with GroupMixNorm layers; cross-entropy plus ``align`` times the layers' alignment penalty.
 
     The default, chosen on the Adult bench (see the README), puts one layer on the logit and aligns the
-    groups' logit statistics with weight 10. ``placement="all", align=0`` is the paper's layer after every
-    hidden layer with no penalty. The protected attribute reaches the layers through
+    groups' logit distributions (16 quantiles) with weight 1. ``placement="all", align=0`` is the paper's
+    layer after every hidden layer with no penalty. The protected attribute reaches the layers through
     :func:`groupmixnorm.nn.use_groups` during training; at prediction it is passed only when
     ``eval_mode="group"``.
     """
@@ -34,9 +34,9 @@ class GroupMixNormMethod(Method):
     eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group"))
     output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))
     momentum: float = option(0.1, "momentum of the running statistics")
-    align: float = option(10.0, "weight of the alignment penalty (the fairness knob): group statistics at each layer's input")
+    align: float = option(1.0, "weight of the alignment penalty (the fairness knob): group statistics at each layer's input")
     align_covariance: bool = option(False, "alignment also compares channel covariances")
-    align_quantiles: int = option(0, "if > 0, alignment compares this many quantiles per channel (whole distributions)")
+    align_quantiles: int = option(16, "if > 0, alignment compares this many quantiles per channel (whole distributions)")
     fairness: str = option("dp", "what alignment targets: dp (groups alike) or eo (groups alike within each label)",
                            choices=("dp", "eo"))
 

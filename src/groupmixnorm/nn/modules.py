@@ -6,6 +6,7 @@ classes only say which input shapes they accept.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -135,7 +136,8 @@ class _GroupMixNorm(nn.Module):
                     f"{type(self).__name__} needs the protected-group ids in training: call layer(x, groups) "
                     "or run the model inside `with groupmixnorm.nn.use_groups(groups):`"
                 )
-            return self._forward_train(x, self._check_groups(groups, x))
+            groups, table_size = self._checked_groups(groups, x)
+            return self._forward_train(x, groups, table_size)
         if self.eval_mode == "group":
             if groups is None:
                 raise ValueError(
@@ -145,24 +147,39 @@ class _GroupMixNorm(nn.Module):
             return self._forward_eval_group(x, self._check_groups(groups, x))
         return self._forward_eval_population(x, groups)
 
-    def _forward_train(self, x: Tensor, groups: Tensor) -> Tensor:
-        table_size = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
-        moments = F.group_moments(x, groups, table_size)
-        if float(moments.counts.sum()) < 2:
+    def _forward_train(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+        values_per_sample = math.prod(x.shape[2:])
+        total = x.shape[0] * values_per_sample  # every sample is in some group, so this is counts.sum()
+        if total < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in training, got {tuple(x.shape)}")
-        apply_mix = self.p >= 1.0 or float(torch.rand(())) < self.p
-        if apply_mix:
-            mixing = self._draw_mixing(moments.counts, groups)
-            out = F.group_mix_norm(
-                x, groups, mixing, num_groups=table_size, weight=self.weight, bias=self.bias, eps=self.eps,
-                output_scale=self.output_scale, moments=moments,
-            )
-        else:
-            mixing = None
-            out = self._as_single_group(x, moments)
-        if self.track_running_stats:
-            self._update_running_stats(moments, mixing)
+        counts, segments = F._counts_and_segments(groups, table_size, values_per_sample, x.dtype)
         collector = active_penalty_collector()
+        apply_mix = self.p >= 1.0 or float(torch.rand(())) < self.p
+        if apply_mix and self.mix == "shared":
+            # The fast path: one fused autograd function computes the moments, the output and its gradient.
+            all_eligible = F._all_eligible(counts)
+            mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
+            sink: list | None = [] if self.track_running_stats else None
+            out, moments = F._shared_mix_norm(
+                x, segments, counts, mixing, self.eps, self.output_scale, self.weight, self.bias, all_eligible,
+                with_moments=collector is not None, sink=sink,
+            )
+            if sink:
+                self._update_running_stats(sink[0].moments, (sink[0].mixed_mean, sink[0].mixed_std), all_eligible, total)
+        else:
+            moments = F.group_moments(x, groups, table_size, counts=counts, segments=segments)
+            if apply_mix:
+                mixing = F.pairwise_mixing_weights(counts, groups, self.alpha)
+                out, table_mean, table_std = F._group_mix_norm(
+                    x, groups, mixing, moments, self.eps, self.output_scale, self.weight, self.bias, segments
+                )
+                average = mixing.mean(dim=0).detach()
+                mixed = (average @ table_mean.detach(), average @ table_std.detach())
+            else:
+                out = self._as_single_group(x, moments)
+                mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
+            if self.track_running_stats:
+                self._update_running_stats(moments, mixed, None, total)
         if collector is not None:
             collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
         return out
@@ -190,11 +207,6 @@ class _GroupMixNorm(nn.Module):
         if self.output_scale == "batch":
             return F.batch_norm_train(x, moments, eps=self.eps, weight=self.weight, bias=self.bias)
         return F.apply_affine(x, self.weight, self.bias)
-
-    def _draw_mixing(self, counts: Tensor, groups: Tensor) -> Tensor:
-        if self.mix == "shared":
-            return F.shared_mixing_weights(counts.detach(), self.alpha)
-        return F.pairwise_mixing_weights(counts.detach(), groups, self.alpha)
 
     def _forward_eval_population(self, x: Tensor, groups: Tensor | None) -> Tensor:
         if not self.track_running_stats:
@@ -229,8 +241,7 @@ class _GroupMixNorm(nn.Module):
             table_size = 1
             groups = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         else:
-            groups = self._check_groups(groups, x)
-            table_size = self.num_groups if self.num_groups is not None else int(groups.max()) + 1
+            groups, table_size = self._checked_groups(groups, x)
         moments = F.group_moments(x, groups, table_size)
         eligible = F.eligible_groups(moments.counts)
         if not bool(eligible.any()):
@@ -244,41 +255,61 @@ class _GroupMixNorm(nn.Module):
     # -------------------------------------------------------------------------------- running statistics
 
     @torch.no_grad()
-    def _update_running_stats(self, moments: F.GroupMoments, mixing: Tensor | None) -> None:
+    def _update_running_stats(
+        self,
+        moments: F.GroupMoments,
+        mixed: tuple[Tensor, Tensor],
+        all_eligible: bool | None = None,
+        total: int | None = None,
+    ) -> None:
+        """Fold this batch into the running statistics.
+
+        ``mixed`` is the batch's (average) mixed mean and standard deviation, ``total`` the number of values
+        per channel (``moments.counts.sum()``) if known.
+        """
         self.num_batches_tracked.add_(1)
-        factor = self._momentum_factor(self.num_batches_tracked.to(moments.mean.dtype))
-        total = moments.counts.sum()
-        unbiased_batch_var = moments.batch_var * total / (total - 1)
-        self.running_mean.lerp_(moments.batch_mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_batch_var.to(self.running_var.dtype), factor)
-
-        table_mean, table_std = F.statistics_table(moments, self.eps)
-        if mixing is None:
-            mixed_mean, mixed_std = moments.batch_mean, torch.sqrt(moments.batch_var + self.eps)
-        else:
-            average = mixing if mixing.dim() == 1 else mixing.mean(dim=0)
-            mixed_mean, mixed_std = average @ table_mean, average @ table_std
-        self.running_mix_mean.lerp_(mixed_mean.to(self.running_mix_mean.dtype), factor)
-        self.running_mix_std.lerp_(mixed_std.to(self.running_mix_std.dtype), factor)
-
+        factor = self._momentum_factor()
+        if total is None:
+            total = moments.counts.sum()
+        unbiased_batch_var = moments.batch_var * (total / (total - 1))
+        _lerp(
+            [self.running_mean, self.running_var, self.running_mix_mean, self.running_mix_std],
+            [moments.batch_mean, unbiased_batch_var, *mixed],
+            factor,
+        )
         if self.num_groups is not None:
-            self._update_group_stats(moments)
+            self._update_group_stats(moments, all_eligible)
 
-    def _update_group_stats(self, moments: F.GroupMoments) -> None:
-        present = F.eligible_groups(moments.counts)
-        self.group_batches_tracked.add_(present.long())
-        factors = self._momentum_factor(self.group_batches_tracked.clamp_min(1).to(moments.mean.dtype))
-        factors = (factors * present).unsqueeze(1).to(self.running_group_mean.dtype)
-        counts = moments.counts.unsqueeze(1)
-        unbiased = moments.var * counts / (counts - 1).clamp_min(1)
-        self.running_group_mean.lerp_(moments.mean.to(self.running_group_mean.dtype), factors)
-        self.running_group_var.lerp_(unbiased.to(self.running_group_var.dtype), factors)
+    def _update_group_stats(self, moments: F.GroupMoments, all_eligible: bool | None = None) -> None:
+        counts = moments.counts
+        if all_eligible is None:
+            all_eligible = F._all_eligible(counts)
+        if all_eligible:
+            # Every group has its own statistics: one weight for all of them.
+            self.group_batches_tracked.add_(1)
+            factors = self._momentum_factor(self.group_batches_tracked, moments.mean.dtype)
+            if isinstance(factors, Tensor):
+                factors = factors.unsqueeze(1)
+            unbiased = moments.var * (counts / (counts - 1)).unsqueeze(1)
+        else:
+            present = F.eligible_groups(counts)
+            self.group_batches_tracked.add_(present)
+            factors = self._momentum_factor(self.group_batches_tracked.clamp_min(1), moments.mean.dtype)
+            factors = (factors * present).unsqueeze(1) if isinstance(factors, Tensor) else (
+                present.to(moments.mean.dtype).mul_(factors).unsqueeze(1))
+            unbiased = moments.var * (counts / (counts - 1).clamp_min(1)).unsqueeze(1)
+        _lerp([self.running_group_mean, self.running_group_var], [moments.mean, unbiased], factors)
 
-    def _momentum_factor(self, batches: Tensor) -> Tensor | float:
-        """The weight of the new batch: ``momentum``, or a cumulative average when it is ``None``."""
-        if self.momentum is None:
-            return 1.0 / batches
-        return self.momentum
+    def _momentum_factor(self, batches: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor | float:
+        """The weight of the new batch: ``momentum``, or a cumulative average when it is ``None``.
+
+        ``batches`` counts the batches seen (per group, say); by default ``num_batches_tracked``.
+        """
+        if self.momentum is not None:
+            return self.momentum
+        if batches is None:
+            return 1.0 / int(self.num_batches_tracked)
+        return 1.0 / batches.to(dtype)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -293,6 +324,10 @@ class _GroupMixNorm(nn.Module):
             )
 
     def _check_groups(self, groups: Tensor, x: Tensor) -> Tensor:
+        return self._checked_groups(groups, x)[0]
+
+    def _checked_groups(self, groups: Tensor, x: Tensor) -> tuple[Tensor, int]:
+        """The validated ids as ``long`` on ``x``'s device, and the size of the statistics table they need."""
         if not isinstance(groups, Tensor):
             raise ValueError(f"groups must be a torch.Tensor of integer ids, got {type(groups).__name__}")
         if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
@@ -301,16 +336,29 @@ class _GroupMixNorm(nn.Module):
             raise ValueError(
                 f"groups must have shape (N,) = ({x.shape[0]},) to match the batch, got {tuple(groups.shape)}"
             )
+        if groups.dtype != torch.long or groups.device != x.device:
+            groups = groups.to(device=x.device, dtype=torch.long)
         if groups.numel() == 0:
-            return groups.long().to(x.device)
-        smallest, largest = int(groups.min()), int(groups.max())
+            return groups, self.num_groups if self.num_groups is not None else 1
+        smallest, largest = torch.aminmax(groups)
+        smallest, largest = int(smallest), int(largest)
         if smallest < 0:
             raise ValueError(f"group ids must be non-negative, got {smallest}")
         if self.num_groups is not None and largest >= self.num_groups:
             raise ValueError(
                 f"group id {largest} is out of range for num_groups={self.num_groups} (valid ids are 0..{self.num_groups - 1})"
             )
-        return groups.long().to(x.device)
+        return groups, self.num_groups if self.num_groups is not None else largest + 1
+
+
+def _lerp(buffers: list[Tensor], values: list[Tensor], weight: Tensor | float) -> None:
+    """``buffer.lerp_(value, weight)`` for each pair, casting values (and a tensor weight) to the buffer's dtype."""
+    values = [v.to(b.dtype) if v.dtype != b.dtype else v for b, v in zip(buffers, values)]
+    if isinstance(weight, Tensor) or any(b.dtype != buffers[0].dtype for b in buffers):
+        for buffer, value in zip(buffers, values):
+            buffer.lerp_(value, weight.to(buffer.dtype) if isinstance(weight, Tensor) else weight)
+        return
+    torch._foreach_lerp_(buffers, values, weight)
 
 
 class GroupMixNorm1d(_GroupMixNorm):

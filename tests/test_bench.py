@@ -30,6 +30,10 @@ def test_quick_bench_writes_runs_csv_report_and_plots(quick_bench):
     report_text = (quick_bench / "adult.md").read_text()
     assert "groupmixnorm bench adult --quick" in report_text
     assert "| gmn |" in report_text and "### dp_gap" in report_text
+    assert "## Time per epoch relative to ERM, measured side by side" in report_text
+    timing = json.loads((quick_bench / "adult" / "epoch_time.json").read_text())["table"]
+    assert timing["setting"][0] == "erm default" and timing["x_reference"][0] == 1.0
+    assert len(timing["setting"]) == len(bench.adult_plan(quick=True).timed)
     for gap in report.FRONT_GAPS:
         image = quick_bench / "adult" / f"ap_vs_{gap}.png"
         assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,19 +35,22 @@ class Setting:
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """What a bench trains: its settings, seeds and loop configuration."""
+    """What a bench trains: its settings, seeds and loop configuration. ``name`` is also the dataset."""
 
     name: str
     settings: tuple[Setting, ...]
     seeds: tuple[int, ...]
     config: TrainConfig
     protocol: str = "fairmixup"
+    #: Settings timed side by side (ERM first) for the report's time-per-epoch table, and how many rounds.
+    timed: tuple[Setting, ...] = ()
+    timing_rounds: int = 7
 
     def specs(self) -> list[RunSpec]:
         """Every run of the plan, seeds outermost so that a partial bench covers all settings evenly."""
         return [
             RunSpec(
-                method=setting.method, method_options=dict(setting.options), protocol=self.protocol,
+                method=setting.method, method_options=dict(setting.options), dataset=self.name, protocol=self.protocol,
                 config=dataclasses.replace(self.config, seed=seed, sampling=setting.sampling),
             )
             for seed in self.seeds
@@ -107,7 +110,7 @@ def adult_plan(*, quick: bool = False, seeds: int = 5) -> BenchPlan:
             Setting("expgrad", {"fairness": "dp"}),
         )
         config = TrainConfig(epochs=2, iterations=20, batch_size=100, select="last")
-        return BenchPlan("adult", settings, (0,), config)
+        return BenchPlan("adult", settings, (0,), config, timed=settings[:2] + settings[4:6], timing_rounds=1)
     settings = (
         Setting("erm", {}),
         *_sweep("gapreg", "lam", (0.1, 0.3, 0.5, 1.0, 2.0), fairness="dp"),
@@ -121,7 +124,20 @@ def adult_plan(*, quick: bool = False, seeds: int = 5) -> BenchPlan:
         Setting("expgrad", {"fairness": "eo"}),
     )
     config = TrainConfig(epochs=10, iterations=100, batch_size=500, select="last")
-    return BenchPlan("adult", settings, tuple(range(seeds)), config)
+    timed = (
+        Setting("erm", {}),
+        _gmn(placement="logit", align=1.0, align_quantiles=16),
+        _gmn(placement="logit", align=10.0),
+        _gmn(),
+        _gmn(placement="logit", align=10.0, fairness="eo"),
+        Setting("gapreg", {"lam": 1.0, "fairness": "dp"}),
+        Setting("gapreg", {"lam": 1.0, "fairness": "eo"}, "group_label"),
+        Setting("adversarial", {"lam": 1.0, "fairness": "dp"}),
+        Setting("adversarial", {"lam": 1.0, "fairness": "eo"}, "group_label"),
+        Setting("fairmixup", {"lam": 0.5, "fairness": "dp"}),
+        Setting("fairmixup", {"lam": 1.0, "fairness": "eo"}, "group_label"),
+    )
+    return BenchPlan("adult", settings, tuple(range(seeds)), config, timed=timed)
 
 
 PLANS: dict[str, Callable[..., BenchPlan]] = {"adult": adult_plan}
@@ -175,6 +191,29 @@ def run_plan(
     return records
 
 
+def side_by_side_epoch_times(plan: BenchPlan, path: Path) -> Any:
+    """Time ``plan.timed`` side by side (see :func:`groupmixnorm.experiments.timing.time_epochs`), once:
+    the table is stored at ``path`` (JSON, atomic) and read back on later calls with the same plan."""
+    import pandas as pd
+
+    from groupmixnorm.data import load_dataset
+    from groupmixnorm.experiments.spec import setting_label
+    from groupmixnorm.experiments.timing import time_epochs
+
+    key = {"timed": [dataclasses.asdict(s) for s in plan.timed], "rounds": plan.timing_rounds,
+           "config": dataclasses.asdict(plan.config), "protocol": plan.protocol}
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("key") == key:
+            return pd.DataFrame(stored["table"])
+    contenders = [(f"{s.method} {setting_label(s.options)}", s.method, s.options, s.sampling) for s in plan.timed]
+    data = load_dataset(plan.name, protocol=plan.protocol, seed=0)
+    table = time_epochs(contenders, data, plan.config, rounds=plan.timing_rounds)
+    write_json_atomic(path, {"key": key, "table": table.to_dict(orient="list")})
+    return table
+
+
 def runs_table(records: Sequence[dict[str, Any]]) -> Any:
     """One row per run with :data:`RUN_COLUMNS` (a pandas DataFrame)."""
     import pandas as pd
@@ -209,14 +248,18 @@ def write_results(plan: BenchPlan, records: Sequence[dict[str, Any]], results_di
         title = f"{plan.name}: AP vs {gap}, {len(plan.seeds)} seed(s)"
         plots[gap] = report.plot_fronts(summary, gap, folder / f"ap_vs_{gap}.png", title)
         written.append(plots[gap])
-    text = _markdown_report(plan, records, summary, plots, results_dir, command)
+    timing = None
+    if plan.timed:
+        timing = side_by_side_epoch_times(plan, folder / "epoch_time.json")
+        written.append(folder / "epoch_time.json")
+    text = _markdown_report(plan, records, summary, plots, results_dir, command, timing)
     written.append(write_text_atomic(Path(results_dir) / f"{plan.name}.md", text))
     return written
 
 
 def _markdown_report(
     plan: BenchPlan, records: Sequence[dict[str, Any]], summary: Any, plots: dict[str, Path], results_dir: Path,
-    command: str,
+    command: str, timing: Any = None,
 ) -> str:
     from groupmixnorm.experiments import report
 
@@ -248,6 +291,15 @@ def _markdown_report(
         lines += ["## GroupMixNorm against its peers", "",
                   "Settings that need the protected attribute at prediction time are left out here.", "",
                   *report.goal_check(summary), ""]
+    if timing is not None:
+        lines += ["## Time per epoch relative to ERM, measured side by side", "",
+                  f"The settings below trained in turns, one epoch each, {plan.timing_rounds} round(s), in one "
+                  "process (`groupmixnorm.experiments.timing.time_epochs`), so they share the machine's load; "
+                  "medians.", "",
+                  report.markdown_table(timing.assign(
+                      seconds_per_epoch=timing["seconds_per_epoch"].map("{:.3f}".format),
+                      x_reference=timing["x_reference"].map("{:.2f}x".format),
+                  ).rename(columns={"x_reference": "x ERM"})), ""]
     lines += ["## Trade-off fronts", ""]
     for gap, path in plots.items():
         lines += [f"![AP vs {gap}]({path.relative_to(results_dir).as_posix()})", ""]

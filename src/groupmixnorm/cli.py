@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
     _add_bench(commands)
+    _add_predict(commands)
     return parser
 
 
@@ -78,6 +79,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     _add_config_options(loop)
 
     train.add_argument("--out", required=True, type=Path, help="directory for metrics.json")
+    train.add_argument("--save", type=Path, default=None,
+                       help="also write the trained model, its preprocessing and config to this file, for predict")
     train.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     train.set_defaults(handler=_run_train)
 
@@ -188,7 +191,7 @@ def _run_train(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     progress = None if args.quiet else _epoch_progress(spec.config.epochs, spec.method)
     try:
-        record = execute(spec, on_epoch=progress.update if progress else None)
+        record = execute(spec, on_epoch=progress.update if progress else None, save_to=args.save)
     finally:
         if progress:
             progress.close()
@@ -198,6 +201,62 @@ def _run_train(args: argparse.Namespace) -> int:
         print(format_summary(record))
         print(f"wrote {path}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="score the rows of a CSV with a saved model (no protected attribute needed)",
+        description="Score new rows with a checkpoint written by `train --save`. The CSV has a header row and "
+        "the raw column names the model was trained on (for Adult the UCI names: age, workclass, ...); the "
+        "protected attribute and the label may be absent. Writes OUT with the columns [ID], score, prediction.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    predict.add_argument("--checkpoint", type=Path, required=True, help="file written by train --save")
+    predict.add_argument("--csv", type=Path, required=True, help="rows to score")
+    predict.add_argument("--out", type=Path, required=True, help="where to write the scores (CSV)")
+    predict.add_argument("--id-column", default=None, help="a column of the input to copy into the output")
+    predict.add_argument("--threshold", type=float, default=0.5, help="score at or above which prediction is 1")
+    predict.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from groupmixnorm.training import write_text_atomic
+    from groupmixnorm.training.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    frame = _read_csv(args.csv)
+    if args.id_column is not None and args.id_column not in frame.columns:
+        raise UsageError(f"--id-column {args.id_column!r} is not a column of {args.csv}")
+    scores = checkpoint.predict_proba(frame)
+    output = pd.DataFrame({"score": scores, "prediction": (scores >= args.threshold).astype(int)})
+    if args.id_column is not None:
+        output.insert(0, args.id_column, frame[args.id_column].to_numpy())
+    write_text_atomic(args.out, output.to_csv(index=False))
+    print(f"scored {len(output)} rows; wrote {args.out}")
+    return 0
+
+
+def _read_csv(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.is_file():
+        raise UsageError(f"no CSV file at {path}")
+    try:
+        frame = pd.read_csv(path, skipinitialspace=True, na_values="?")
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not a readable CSV: {error}") from None
+    if frame.empty:
+        raise UsageError(f"{path} has a header but no rows")
+    return frame
 
 
 # ------------------------------------------------------------------------------------------------- bench

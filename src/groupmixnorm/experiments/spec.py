@@ -8,6 +8,7 @@ import json
 import shlex
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from groupmixnorm.data import load_dataset
@@ -59,12 +60,27 @@ class RunSpec:
         return shlex.join(words)
 
 
-def execute(spec: RunSpec, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train the run described by ``spec`` and return its JSON-ready record."""
+def execute(
+    spec: RunSpec,
+    *,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    save_to: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train the run described by ``spec`` and return its JSON-ready record.
+
+    With ``save_to``, the selected model is also written there as a checkpoint
+    (:func:`groupmixnorm.training.checkpoint.save_checkpoint`) that ``groupmixnorm predict`` can use.
+    """
     started = time.perf_counter()
     data = load_dataset(spec.dataset, **_dataset_options(spec))
     method = make_method(spec.method, **spec.method_options)
+    if save_to is not None and method.name == "expgrad":
+        raise ValueError("--save supports the torch-trained methods; expgrad models are not saved")
     result = train(method, data, spec.config, on_epoch=on_epoch)
+    if save_to is not None:
+        from groupmixnorm.training.checkpoint import save_checkpoint
+
+        save_checkpoint(save_to, model=result.model, method=method, spec=spec, data=data)
     record: dict[str, Any] = {key: result.metrics[key] for key in METRIC_KEYS}
     record.update(
         method=spec.method,

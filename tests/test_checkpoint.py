@@ -15,12 +15,8 @@ from groupmixnorm.training.checkpoint import CheckpointError, load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    argv = ["train", "--dataset", "adult", "--method", "gmn", "--epochs", "1", "--hidden", "16", "--quiet",
-            "--out", str(folder), "--save", str(folder / "model.pt")]
-    assert cli.main(argv) == 0
-    return folder
+def trained(saved_run):
+    return saved_run("gmn", epochs=1, hidden=16)
 
 
 def test_checkpoint_scores_raw_rows_like_the_trained_model(trained):

@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_bench(commands)
     _add_predict(commands)
+    _add_debias(commands)
+    return parser
+
+
+def _subcommand(commands: argparse._SubParsersAction, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand parser that shows defaults in its help and takes its own ``--debug``."""
+    parser = commands.add_parser(name, help=help, description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # SUPPRESS: without the flag here, a --debug given before the subcommand keeps its value.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     return parser
 
 
@@ -53,13 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from groupmixnorm.methods import METHODS
 
-    train = commands.add_parser(
+    train = _subcommand(
+        commands,
         "train",
         help="train one model and write DIR/metrics.json",
         description="Train one model, print its test metrics and write OUT/metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="adult", help="bundled dataset to train on")
     data.add_argument("--sensitive", default="sex", help="protected attribute: sex or race")
@@ -207,15 +216,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
-    predict = commands.add_parser(
+    predict = _subcommand(
+        commands,
         "predict",
         help="score the rows of a CSV with a saved model (no protected attribute needed)",
         description="Score new rows with a checkpoint written by `train --save`. The CSV has a header row and "
         "the raw column names the model was trained on (for Adult the UCI names: age, workclass, ...); the "
         "protected attribute and the label may be absent. Writes OUT with the columns [ID], score, prediction.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    predict.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     predict.add_argument("--checkpoint", type=Path, required=True, help="file written by train --save")
     predict.add_argument("--csv", type=Path, required=True, help="rows to score")
     predict.add_argument("--out", type=Path, required=True, help="where to write the scores (CSV)")
@@ -259,20 +267,71 @@ def _read_csv(path: Path) -> Any:
     return frame
 
 
+# ------------------------------------------------------------------------------------------------ debias
+
+
+def _add_debias(commands: argparse._SubParsersAction) -> None:
+    debias = _subcommand(
+        commands,
+        "debias",
+        help="fine-tune a pre-trained ERM model with GroupMixNorm (or GapReg) on a fraction of the data",
+        description="Load an ERM checkpoint (train --method erm --save ...), insert GroupMixNorm on the logit "
+        "(--method gmn) or keep the network as it is (--method gapreg), fine-tune on a seeded fraction of the "
+        "training rows stratified by group and label, and write OUT/metrics.json.",
+    )
+    debias.add_argument("--checkpoint", type=Path, required=True, help="ERM checkpoint written by train --save")
+    debias.add_argument("--fraction", type=float, default=0.05, help="share of the training rows to fine-tune on")
+    debias.add_argument("--method", choices=("gmn", "gapreg"), default="gmn", help="fine-tuning method")
+    debias.add_argument("--align", type=float, default=None, help="gmn: alignment weight (default: gmn's)")
+    debias.add_argument("--align-quantiles", type=int, default=None, help="gmn: quantiles compared (default: gmn's)")
+    debias.add_argument("--lam", type=float, default=None, help="gapreg: weight of the gap (default: gapreg's)")
+    debias.add_argument("--fairness", choices=("dp", "eo"), default=None, help="criterion targeted (default: dp)")
+    debias.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    debias.add_argument("--batch-size", type=int, default=256, help="batch size")
+    debias.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    debias.add_argument("--seed", type=int, default=0, help="seed of the fraction drawn and of training")
+    debias.add_argument("--out", type=Path, required=True, help="directory for metrics.json")
+    debias.add_argument("--quiet", action="store_true", help="no table")
+    debias.set_defaults(handler=_run_debias)
+
+
+def _run_debias(args: argparse.Namespace) -> int:
+    import shlex
+
+    from groupmixnorm.experiments.debias import debias
+    from groupmixnorm.training import TrainConfig, write_json_atomic
+    from groupmixnorm.training.checkpoint import load_checkpoint
+
+    options = {name: value for name, value in (("align", args.align), ("align_quantiles", args.align_quantiles),
+                                                ("lam", args.lam), ("fairness", args.fairness)) if value is not None}
+    foreign = {"gmn": {"lam"}, "gapreg": {"align", "align_quantiles"}}[args.method] & set(options)
+    if foreign:
+        raise UsageError(f"{', '.join('--' + f.replace('_', '-') for f in sorted(foreign))} does not apply to --method {args.method}")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, select="last")
+    checkpoint = load_checkpoint(args.checkpoint)
+    command = shlex.join(["groupmixnorm", "debias", *sys.argv[2:]]) if sys.argv[1:2] == ["debias"] else ""
+    record = debias(checkpoint, method=args.method, options=options, fraction=args.fraction, config=config,
+                    command=command)
+    path = write_json_atomic(args.out / "metrics.json", record)
+    if not args.quiet:
+        print(format_summary(record))
+        print(f"wrote {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- bench
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     from groupmixnorm.experiments.bench import PLANS
 
-    bench = commands.add_parser(
+    bench = _subcommand(
+        commands,
         "bench",
         help="run a benchmark grid (resumable) and write its runs.csv, plots and report",
         description="Run every method and setting of a benchmark over seeds, skipping runs whose record "
         "exists, then write RESULTS/NAME/runs.csv, RESULTS/NAME/*.png and RESULTS/NAME.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     bench.add_argument("name", choices=sorted(PLANS), help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="one setting per method, one seed, 2 short epochs")
     bench.add_argument("--seeds", type=int, default=5, help="seeds per setting (full bench)")

@@ -81,12 +81,23 @@ def execute(
         from groupmixnorm.training.checkpoint import save_checkpoint
 
         save_checkpoint(save_to, model=result.model, method=method, spec=spec, data=data)
+    return run_record(
+        method, data, result, spec=spec.to_dict(), setting=setting_label(spec.method_options), seed=spec.config.seed,
+        command=spec.command(), started=started,
+    )
+
+
+def run_record(
+    method: Any, data: Any, result: Any, *, spec: dict[str, Any], setting: str, seed: int, command: str, started: float
+) -> dict[str, Any]:
+    """The JSON-ready record of a finished training: test metrics at the top level, then everything that
+    explains them (spec, options, data, selection, validation metrics, rates, history, timings, versions)."""
     record: dict[str, Any] = {key: result.metrics[key] for key in METRIC_KEYS}
     record.update(
-        method=spec.method,
-        setting=setting_label(spec.method_options),
-        seed=spec.config.seed,
-        spec=spec.to_dict(),
+        method=method.name,
+        setting=setting,
+        seed=seed,
+        spec=spec,
         options=method.options(),
         uses_sensitive_at_prediction=method.uses_sensitive_at_prediction(),
         dataset={"name": data.name, "sensitive": data.sensitive, "protocol": data.protocol,
@@ -99,7 +110,7 @@ def execute(
         timings={"epoch_seconds": result.epoch_seconds, "median_epoch_seconds": result.median_epoch_seconds,
                  "total_seconds": time.perf_counter() - started},
         versions=environment_versions(),
-        command=spec.command(),
+        command=command,
     )
     return record
 

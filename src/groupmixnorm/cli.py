@@ -332,7 +332,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         description="Run every method and setting of a benchmark over seeds, skipping runs whose record "
         "exists, then write RESULTS/NAME/runs.csv, RESULTS/NAME/*.png and RESULTS/NAME.md.",
     )
-    bench.add_argument("name", choices=sorted(PLANS), help="which benchmark")
+    bench.add_argument("name", choices=sorted([*PLANS, "adult-debias"]), help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="one setting per method, one seed, 2 short epochs")
     bench.add_argument("--seeds", type=int, default=5, help="seeds per setting (full bench)")
     bench.add_argument("--results-dir", type=Path, default=Path("docs/results"), help="where result files go")
@@ -351,6 +351,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.name == "adult-debias":
+        return _run_debias_bench(args)
     plan = PLANS[args.name](quick=args.quick, seeds=args.seeds)
     if args.methods:
         plan = _only_methods(plan, args.methods)
@@ -370,6 +372,30 @@ def _run_bench(args: argparse.Namespace) -> int:
     for path in write_results(plan, records, args.results_dir, command):
         if not args.quiet:
             print(f"wrote {path}")
+    return 0
+
+
+def _run_debias_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from groupmixnorm.experiments.debias_bench import FINE_TUNERS, FRACTIONS, run_debias_bench, write_debias_report
+
+    seeds, fractions, epochs = (1, (0.05, 1.0), 2) if args.quick else (args.seeds, FRACTIONS, 10)
+    total = seeds * (2 + len(fractions) * len(FINE_TUNERS))
+    bar = tqdm(total=total, desc="bench adult-debias", unit="run", file=sys.stderr, disable=args.quiet)
+
+    def advance(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    root = args.records_dir or args.results_dir / "adult-debias" / "records"
+    try:
+        records = run_debias_bench(root, seeds=seeds, fractions=fractions, epochs=epochs, on_run=advance)
+    finally:
+        bar.close()
+    path = write_debias_report(records, args.results_dir / "adult-debias.md", _bench_command(args))
+    if not args.quiet:
+        print(f"wrote {path}")
     return 0
 
 

@@ -332,7 +332,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         description="Run every method and setting of a benchmark over seeds, skipping runs whose record "
         "exists, then write RESULTS/NAME/runs.csv, RESULTS/NAME/*.png and RESULTS/NAME.md.",
     )
-    bench.add_argument("name", choices=sorted([*PLANS, "adult-debias"]), help="which benchmark")
+    bench.add_argument("name", choices=sorted([*PLANS, "adult-debias", "adult-unseen"]), help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="one setting per method, one seed, 2 short epochs")
     bench.add_argument("--seeds", type=int, default=5, help="seeds per setting (full bench)")
     bench.add_argument("--results-dir", type=Path, default=Path("docs/results"), help="where result files go")
@@ -353,6 +353,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     if args.name == "adult-debias":
         return _run_debias_bench(args)
+    if args.name == "adult-unseen":
+        return _run_unseen_bench(args)
     plan = PLANS[args.name](quick=args.quick, seeds=args.seeds)
     if args.methods:
         plan = _only_methods(plan, args.methods)
@@ -376,24 +378,44 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_debias_bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from groupmixnorm.experiments.debias_bench import FINE_TUNERS, FRACTIONS, run_debias_bench, write_debias_report
 
     seeds, fractions, epochs = (1, (0.05, 1.0), 2) if args.quick else (args.seeds, FRACTIONS, 10)
-    total = seeds * (2 + len(fractions) * len(FINE_TUNERS))
-    bar = tqdm(total=total, desc="bench adult-debias", unit="run", file=sys.stderr, disable=args.quiet)
+    return _run_record_bench(
+        args, total=seeds * (2 + len(fractions) * len(FINE_TUNERS)),
+        run=lambda root, advance: run_debias_bench(root, seeds=seeds, fractions=fractions, epochs=epochs,
+                                                   on_run=advance),
+        report=write_debias_report,
+    )
+
+
+def _run_unseen_bench(args: argparse.Namespace) -> int:
+    from groupmixnorm.experiments.unseen import METHODS, SCENARIOS, run_unseen, write_unseen_report
+
+    seeds, epochs = (1, 1) if args.quick else (args.seeds, 10)
+    return _run_record_bench(
+        args, total=len(SCENARIOS) * seeds * len(METHODS),
+        run=lambda root, advance: run_unseen(root, seeds=seeds, epochs=epochs, on_run=advance),
+        report=write_unseen_report,
+    )
+
+
+def _run_record_bench(args: argparse.Namespace, *, total: int, run: Any, report: Any) -> int:
+    """Run a bench whose ``run(records_root, advance)`` returns records, with a progress bar, then write
+    ``RESULTS/NAME.md`` with ``report(records, path, command)``."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"bench {args.name}", unit="run", file=sys.stderr, disable=args.quiet)
 
     def advance(label: str) -> None:
         bar.set_postfix_str(label)
         bar.update(1)
 
-    root = args.records_dir or args.results_dir / "adult-debias" / "records"
     try:
-        records = run_debias_bench(root, seeds=seeds, fractions=fractions, epochs=epochs, on_run=advance)
+        records = run(args.records_dir or args.results_dir / args.name / "records", advance)
     finally:
         bar.close()
-    path = write_debias_report(records, args.results_dir / "adult-debias.md", _bench_command(args))
+    path = report(records, args.results_dir / f"{args.name}.md", _bench_command(args))
     if not args.quiet:
         print(f"wrote {path}")
     return 0

@@ -29,6 +29,11 @@ SENSITIVE_GROUPS: dict[str, list[str]] = {
     "sex": sorted(["Female", "Male"]),
     "race": sorted(["Amer-Indian-Eskimo", "Asian-Pac-Islander", "Black", "Other", "White"]),
 }
+#: Intersectional groups: every (sex, race) pair, named "Female & Black" and so on.
+INTERSECTION = "sex*race"
+SENSITIVE_GROUPS[INTERSECTION] = [f"{s} & {r}" for s in SENSITIVE_GROUPS["sex"] for r in SENSITIVE_GROUPS["race"]]
+#: The raw columns behind each protected attribute (left out of the inputs unless asked for).
+SENSITIVE_COLUMNS = {"sex": ["sex"], "race": ["race"], INTERSECTION: ["sex", "race"]}
 PROTOCOLS = ("official", "fairmixup")
 
 
@@ -83,8 +88,8 @@ def load_adult(
 
     Parameters
     ----------
-    sensitive : {"sex", "race"}
-        Protected attribute. Group ids follow the sorted value names: ``"sex"`` gives
+    sensitive : {"sex", "race", "sex*race"}
+        Protected attribute; ``"sex*race"`` gives the ten intersectional groups ("Female & Black", ...). Group ids follow the sorted value names: ``"sex"`` gives
         ``["Female", "Male"]``; ``"race"`` gives ``["Amer-Indian-Eskimo", "Asian-Pac-Islander", "Black",
         "Other", "White"]``. ``group_names[i]`` is the raw value of group id ``i``.
     protocol : {"official", "fairmixup"}
@@ -124,12 +129,13 @@ def load_adult(
     """
     _check_options(sensitive, protocol, val_fraction, quantize)
     if protocol == "official":
-        train, val = _split(read_adult_frame("train"), val_fraction, seed, strata=_strata(sensitive))
-        test = read_adult_frame("test")
+        train, val = _split(_with_intersection(read_adult_frame("train")), val_fraction, seed, strata=_strata(sensitive))
+        test = _with_intersection(read_adult_frame("test"))
     else:
-        train, val, test = _fairmixup_frames(seed)
+        train, val, test = (_with_intersection(frame) for frame in _fairmixup_frames(seed))
 
-    features = [c for c in ADULT_COLUMNS if c != LABEL_COLUMN and (include_sensitive or c != sensitive)]
+    hidden = set() if include_sensitive else set(SENSITIVE_COLUMNS[sensitive])
+    features = [c for c in ADULT_COLUMNS if c != LABEL_COLUMN and c not in hidden]
     numeric = [c for c in NUMERIC_COLUMNS if c in features]
     categorical = [c for c in features if c not in numeric]
     if quantize:
@@ -166,6 +172,10 @@ def _fairmixup_frames(seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     train, rest = _split(merged, 0.4, seed)
     val, test = _split(rest, 0.5, seed)
     return train, val, test
+
+
+def _with_intersection(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(**{INTERSECTION: frame["sex"] + " & " + frame["race"]})
 
 
 def _labels(frame: pd.DataFrame) -> np.ndarray:

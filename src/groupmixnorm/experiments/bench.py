@@ -89,6 +89,7 @@ ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     *(_gmn(placement="logit", align=weight, align_quantiles=16, p=0.0) for weight in (0.3, 1.0, 3.0)),
     *(_gmn(placement="logit", align=weight, fairness="eo") for weight in (3.0, 10.0, 30.0, 100.0)),
     *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 10.0)),
+    *(_gmn(placement="logit", align=weight, fairness="eo", p=0.0) for weight in (10.0, 30.0)),
 )
 
 

@@ -179,3 +179,8 @@ def test_module_entry_point_help() -> None:
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "--method" in completed.stdout
+
+
+def test_bench_rejects_methods_for_a_bench_without_method_sweeps(capsys):
+    assert cli.main(["bench", "adult-unseen", "--methods", "gmn"]) == 2
+    assert "--methods applies to the adult bench" in capsys.readouterr().err

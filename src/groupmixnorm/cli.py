@@ -351,6 +351,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.methods and args.name not in PLANS:
+        raise UsageError(f"--methods applies to the {', '.join(sorted(PLANS))} bench, not {args.name}")
     if args.name == "adult-debias":
         return _run_debias_bench(args)
     if args.name == "adult-unseen":

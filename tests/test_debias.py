@@ -10,7 +10,8 @@ import torch
 
 from groupmixnorm import cli
 from groupmixnorm.data import Split
-from groupmixnorm.experiments.debias import FromPretrained, _reload, stratified_fraction
+from groupmixnorm.experiments.debias import FromPretrained, stratified_fraction
+from groupmixnorm.experiments.spec import load_run_data
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import ModelSpec
 from groupmixnorm.training.checkpoint import load_checkpoint
@@ -39,7 +40,7 @@ def test_stratified_fraction_keeps_every_cell_share_and_is_seeded():
 
 def test_the_inserted_layer_starts_as_the_identity(erm_checkpoint):
     checkpoint = load_checkpoint(erm_checkpoint / "model.pt")
-    data = _reload(checkpoint)
+    data = load_run_data(checkpoint.spec)
     method = FromPretrained(make_method("gmn"), checkpoint.model.state_dict(), torch.as_tensor(data.train.X))
     model = method.build_model(ModelSpec(data.num_features, data.num_groups, (32,))).eval()
     x = torch.as_tensor(data.test.X[:300])

@@ -384,7 +384,7 @@ def _run_debias_bench(args: argparse.Namespace) -> int:
 
     seeds, fractions, epochs = (1, (0.05, 1.0), 2) if args.quick else (args.seeds, FRACTIONS, 10)
     return _run_record_bench(
-        args, total=seeds * (2 + len(fractions) * len(FINE_TUNERS)),
+        args, total=seeds * (1 + len(fractions) * len(FINE_TUNERS)),
         run=lambda root, advance: run_debias_bench(root, seeds=seeds, fractions=fractions, epochs=epochs,
                                                    on_run=advance),
         report=write_debias_report,

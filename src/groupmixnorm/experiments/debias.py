@@ -11,8 +11,8 @@ from sklearn.model_selection import train_test_split
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.data import Split, TabularDataset, load_dataset
-from groupmixnorm.experiments.spec import run_record, setting_label
+from groupmixnorm.data import Split
+from groupmixnorm.experiments.spec import load_run_data, run_record, setting_label
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import Batch, Method, ModelSpec
 from groupmixnorm.nn import GroupMixNorm1d
@@ -131,7 +131,7 @@ def debias(
         if options["placement"] != "logit":
             raise ValueError("debias inserts GroupMixNorm on the logit (the placement that works on Adult)")
     started = time.perf_counter()
-    data = _reload(checkpoint)
+    data = load_run_data(checkpoint.spec)
     data = dataclasses.replace(data, train=stratified_fraction(data.train, fraction, config.seed))
     config = dataclasses.replace(config, hidden=tuple(checkpoint.spec["config"]["hidden"]))
     calibration = torch.as_tensor(data.train.X, dtype=torch.float32)
@@ -142,11 +142,3 @@ def debias(
     label = f"fraction={fraction:g}," + setting_label(options)
     return run_record(fair, data, result, spec=spec, setting=label, seed=config.seed, command=command,
                       started=started)
-
-
-def _reload(checkpoint: Checkpoint) -> TabularDataset:
-    spec = checkpoint.spec
-    options: dict[str, Any] = {"sensitive": spec["sensitive"], "protocol": spec["protocol"]}
-    if spec["protocol"] == "fairmixup":
-        options["seed"] = spec["config"]["seed"]
-    return load_dataset(spec["dataset"], **options)

@@ -31,44 +31,53 @@ def run_debias_bench(
     on_run: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or reuse) everything the debiasing table needs under ``root``; return the records."""
-    from groupmixnorm.experiments.debias import debias
     from groupmixnorm.training.checkpoint import load_checkpoint
 
     store = RecordStore(root)
     records = []
     for seed in range(seeds):
         config = TrainConfig(epochs=epochs, seed=seed)
-        for method in ("erm", "gmn"):
-            spec = RunSpec(method=method, config=config)
-            checkpoint_path = root / f"{spec.key()}.pt"
-            record = store.load(spec)
-            if record is None or (method == "erm" and not checkpoint_path.exists()):
-                record = execute(spec, save_to=checkpoint_path if method == "erm" else None)
-                record["command"] = spec.command(out="OUT") + (
-                    f" --save {shlex.quote(str(checkpoint_path))}" if method == "erm" else "")
-                store.save(spec, record)
-            records.append({**record, "role": "pre-trained ERM" if method == "erm" else "gmn from scratch"})
-            if on_run:
-                on_run(f"{method} seed {seed}")
-            if method == "erm":
-                pretrained = checkpoint_path
+        erm, pretrained = _train_once(store, RunSpec(method="erm", config=config), save=True)
+        scratch, _ = _train_once(store, RunSpec(method="gmn", config=config), save=False)
+        records += [{**erm, "role": "pre-trained ERM"}, {**scratch, "role": "gmn from scratch"}]
+        if on_run:
+            on_run(f"erm and gmn seed {seed}")
         checkpoint = load_checkpoint(pretrained)
         for fraction in fractions:
             for method in FINE_TUNERS:
-                path = root / f"debias-{method}-f{fraction:g}-s{seed}.json"
-                if path.exists():
-                    record = json.loads(path.read_text(encoding="utf-8"))
-                else:
-                    command = shlex.join(["groupmixnorm", "debias", "--checkpoint", str(pretrained), "--method",
-                                          method, "--fraction", f"{fraction:g}", "--epochs", str(FINE_TUNE_EPOCHS),
-                                          "--seed", str(seed), "--out", "OUT"])
-                    record = debias(checkpoint, method=method, fraction=fraction, command=command,
-                                    config=TrainConfig(epochs=FINE_TUNE_EPOCHS, seed=seed, select="last"))
-                    write_json_atomic(path, record)
+                record = _debias_once(root, checkpoint, pretrained, method, fraction, seed)
                 records.append({**record, "role": f"debias {method}", "fraction": fraction})
                 if on_run:
                     on_run(f"debias {method} {fraction:g} seed {seed}")
     return records
+
+
+def _train_once(store: RecordStore, spec: RunSpec, *, save: bool) -> tuple[dict[str, Any], Path]:
+    """The record of ``spec`` (trained now unless stored), and where its checkpoint is when ``save``."""
+    checkpoint = store.root / f"{spec.key()}.pt"
+    record = store.load(spec)
+    if record is None or (save and not checkpoint.exists()):  # checkpoints are not committed: retrain
+        record = execute(spec, save_to=checkpoint if save else None)
+        record["command"] = spec.command(out="OUT") + (f" --save {shlex.quote(str(checkpoint))}" if save else "")
+        store.save(spec, record)
+    return record, checkpoint
+
+
+def _debias_once(
+    root: Path, checkpoint: Any, checkpoint_path: Path, method: str, fraction: float, seed: int
+) -> dict[str, Any]:
+    from groupmixnorm.experiments.debias import debias
+
+    path = Path(root) / f"debias-{method}-f{fraction:g}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    command = shlex.join(["groupmixnorm", "debias", "--checkpoint", str(checkpoint_path), "--method", method,
+                          "--fraction", f"{fraction:g}", "--epochs", str(FINE_TUNE_EPOCHS), "--seed", str(seed),
+                          "--out", "OUT"])
+    record = debias(checkpoint, method=method, fraction=fraction, command=command,
+                    config=TrainConfig(epochs=FINE_TUNE_EPOCHS, seed=seed, select="last"))
+    write_json_atomic(path, record)
+    return record
 
 
 def debias_table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -88,15 +97,14 @@ def debias_table(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def write_debias_report(records: list[dict[str, Any]], path: Path, command: str) -> Path:
     """``adult-debias.md``: the table, how it was made, and how to reproduce one row."""
-    from groupmixnorm.experiments.report import markdown_table
+    from groupmixnorm.experiments.report import markdown_table, plus_minus
 
     table = debias_table(records)
     shown = pd.DataFrame({
         "model": table["role"],
         "training rows": [("all" if f in (-1, 1.0) else f"{f:.0%}") for f in table["fraction"]],
         "seeds": table["seeds"],
-        **{metric: [f"{m:.4f} ± {s:.4f}" for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_std"].fillna(0))]
-           for metric in COLUMNS},
+        **{metric: plus_minus(table[f"{metric}_mean"], table[f"{metric}_std"]) for metric in COLUMNS},
         "seconds (median)": table["seconds"].map("{:.1f}".format),
     })
     example = next(r["command"] for r in records if r["role"].startswith("debias"))

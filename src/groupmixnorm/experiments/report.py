@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from groupmixnorm.training import write_text_atomic
+from groupmixnorm.training.records import atomic_output
 
 SUMMARY_METRICS = ("accuracy", "ap", "dp_gap", "eodds_gap", "dp_gap_hard", "eodds_gap_hard")
 GAP_THRESHOLDS = (0.02, 0.05, 0.10)
@@ -105,27 +106,31 @@ def plot_fronts(summary: pd.DataFrame, gap: str, path: Path, title: str) -> Path
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
-    temporary.replace(path)
     return path
 
 
 def format_summary_table(summary: pd.DataFrame) -> str:
     """Markdown table of mean +- std per method and setting; † marks settings that need the protected
     attribute at prediction time."""
-    header = "| method | setting | seeds | " + " | ".join(SUMMARY_METRICS) + " | s/epoch | time vs ERM |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     needs_attribute = set(summary.attrs.get("needs_attribute", ()))
-    for _, row in summary.iterrows():
-        mark = " †" if (row["method"], row["setting"]) in needs_attribute else ""
-        cells = [f"{row[f'{m}_mean']:.4f} ± {0.0 if np.isnan(row[f'{m}_std']) else row[f'{m}_std']:.4f}"
-                 for m in SUMMARY_METRICS]
-        lines.append(f"| {row['method']} | `{row['setting']}`{mark} | {row['seeds']} | " + " | ".join(cells)
-                     + f" | {row['epoch_seconds']:.3f} | {row['time_vs_erm']:.2f}x |")
-    return "\n".join(lines)
+    marks = [" †" if key in needs_attribute else "" for key in zip(summary["method"], summary["setting"])]
+    shown = pd.DataFrame({
+        "method": summary["method"],
+        "setting": [f"`{setting}`{mark}" for setting, mark in zip(summary["setting"], marks)],
+        "seeds": summary["seeds"],
+        **{metric: plus_minus(summary[f"{metric}_mean"], summary[f"{metric}_std"]) for metric in SUMMARY_METRICS},
+        "s/epoch": summary["epoch_seconds"].map("{:.3f}".format),
+        "time vs ERM": summary["time_vs_erm"].map("{:.2f}x".format),
+    })
+    return markdown_table(shown)
+
+
+def plus_minus(means: Sequence[float], stds: Sequence[float]) -> list[str]:
+    """``"mean ± std"`` cells; a missing std (a single seed) shows as 0."""
+    return [f"{mean:.4f} ± {0.0 if np.isnan(std) else std:.4f}" for mean, std in zip(means, stds)]
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -72,7 +72,7 @@ def execute(
     (:func:`groupmixnorm.training.checkpoint.save_checkpoint`) that ``groupmixnorm predict`` can use.
     """
     started = time.perf_counter()
-    data = load_dataset(spec.dataset, **_dataset_options(spec))
+    data = load_run_data(spec.to_dict())
     method = make_method(spec.method, **spec.method_options)
     if save_to is not None and method.name == "expgrad":
         raise ValueError("--save supports the torch-trained methods; expgrad models are not saved")
@@ -120,13 +120,15 @@ def setting_label(options: dict[str, Any]) -> str:
     return ",".join(f"{k}={_word(v)}" for k, v in sorted(options.items())) or "default"
 
 
-def _dataset_options(spec: RunSpec) -> dict[str, Any]:
-    options: dict[str, Any] = {"sensitive": spec.sensitive, "protocol": spec.protocol}
-    if spec.quantize:
+def load_run_data(spec: dict[str, Any]) -> Any:
+    """The dataset of a run, from its spec in dict form (:meth:`RunSpec.to_dict`, as records and checkpoints
+    store it): the same rows, split and preprocessing the run trained on."""
+    options: dict[str, Any] = {"sensitive": spec["sensitive"], "protocol": spec["protocol"]}
+    if spec.get("quantize"):
         options["quantize"] = True
-    if spec.protocol == "fairmixup":
-        options["seed"] = spec.config.seed  # the reference protocol re-draws the split with every seed
-    return options
+    if spec["protocol"] == "fairmixup":
+        options["seed"] = spec["config"]["seed"]  # the reference protocol re-draws the split with every seed
+    return load_dataset(spec["dataset"], **options)
 
 
 def _flag(name: str) -> str:

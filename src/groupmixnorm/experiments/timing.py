@@ -14,7 +14,7 @@ from groupmixnorm.data import TabularDataset
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import ModelSpec
 from groupmixnorm.training import TrainConfig
-from groupmixnorm.training.loop import _to_tensors, _train_one_epoch
+from groupmixnorm.training.loop import to_tensors, train_one_epoch
 
 
 def time_epochs(
@@ -30,7 +30,7 @@ def time_epochs(
     timed). The first setting is the reference: the ``x_reference`` column divides by its median.
     Methods fitted outside the torch loop (``expgrad``) are not timed here.
     """
-    split = _to_tensors(data.train, torch.device(config.device))
+    split = to_tensors(data.train, torch.device(config.device))
     runners = [_epoch_runner(method, options, sampling, data, split, config) for _, method, options, sampling in settings]
     samples: list[list[float]] = [[] for _ in settings]
     for _ in range(rounds):
@@ -56,4 +56,4 @@ def _epoch_runner(
     method.setup(model, settings.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    return lambda: _train_one_epoch(method, model, optimizer, split, settings, generator, 0)
+    return lambda: train_one_epoch(method, model, optimizer, split, settings, generator, 0)

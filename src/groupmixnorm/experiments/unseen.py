@@ -98,7 +98,7 @@ def _age_buckets(age: pd.Series) -> np.ndarray:
 
 def write_unseen_report(records: list[dict[str, Any]], path: Path, command: str) -> Path:
     """``adult-unseen.md``: per scenario, mean ± std over seeds of AP and the gaps by each attribute."""
-    from groupmixnorm.experiments.report import markdown_table
+    from groupmixnorm.experiments.report import markdown_table, plus_minus
 
     rows = []
     for record in records:
@@ -126,9 +126,9 @@ def write_unseen_report(records: list[dict[str, Any]], path: Path, command: str)
                             eodds=("eodds_gap", "mean"), eodds_std=("eodds_gap", "std")).reset_index()
         shown = pd.DataFrame({
             "gaps by": table["attribute"], "method": table["method"], "seeds": table["seeds"],
-            "AP": [f"{m:.4f} ± {0 if np.isnan(s) else s:.4f}" for m, s in zip(table["ap"], table["ap_std"])],
-            "dp_gap": [f"{m:.4f} ± {0 if np.isnan(s) else s:.4f}" for m, s in zip(table["dp"], table["dp_std"])],
-            "eodds_gap": [f"{m:.4f} ± {0 if np.isnan(s) else s:.4f}" for m, s in zip(table["eodds"], table["eodds_std"])],
+            "AP": plus_minus(table["ap"], table["ap_std"]),
+            "dp_gap": plus_minus(table["dp"], table["dp_std"]),
+            "eodds_gap": plus_minus(table["eodds"], table["eodds_std"]),
         })
         sections += [f"## {scenario}", "", markdown_table(shown), ""]
     return write_text_atomic(path, "\n".join(sections))

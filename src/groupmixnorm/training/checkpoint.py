@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, method: Any, spec: Any, data: Any) -> Path:
     """Write ``model`` (trained by ``method`` on ``data`` as ``spec`` says) to ``path`` atomically."""
-    from groupmixnorm.training.records import environment_versions
+    from groupmixnorm.training.records import atomic_output, environment_versions
 
     if data.preprocessor is None or getattr(spec, "quantize", False):
         raise ValueError("this run cannot be saved for prediction: its preprocessing is not a fitted transformer "
@@ -90,17 +89,9 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, method: Any, s
         "group_names": list(data.group_names),
         "versions": environment_versions(),
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_output(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

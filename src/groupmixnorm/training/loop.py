@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from groupmixnorm.data import Split, TabularDataset
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
@@ -111,7 +111,7 @@ def train(
     if outside is not None:
         return outside
     device = torch.device(config.device)
-    train_split, val_split, test_split = (_to_tensors(s, device) for s in (data.train, data.val, data.test))
+    train_split, val_split, test_split = (to_tensors(s, device) for s in (data.train, data.val, data.test))
     model = method.build_model(ModelSpec(data.num_features, data.num_groups, tuple(config.hidden))).to(device)
     method.setup(model, config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -121,7 +121,7 @@ def train(
     best: tuple[int, dict[str, Any]] | None = None
     for epoch in range(config.epochs):
         started = time.perf_counter()
-        train_log = _train_one_epoch(method, model, optimizer, train_split, config, generator, epoch)
+        train_log = train_one_epoch(method, model, optimizer, train_split, config, generator, epoch)
         epoch_seconds.append(time.perf_counter() - started)
         val_metrics, _ = evaluate(method, model, val_split)
         history.append({"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val_metrics.items()}})
@@ -182,7 +182,7 @@ def evaluate(method: Method, model: nn.Module, split: Batch) -> tuple[dict[str, 
     return metrics, scores
 
 
-def _train_one_epoch(
+def train_one_epoch(
     method: Method,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -191,6 +191,8 @@ def _train_one_epoch(
     generator: torch.Generator,
     epoch: int,
 ) -> dict[str, float]:
+    """One epoch of optimizer steps on ``split`` (see :func:`to_tensors`); returns the mean of each logged
+    number. :func:`train` calls it; :mod:`groupmixnorm.experiments.timing` times it alone."""
     model.train()
     totals: dict[str, float] = {}
     steps = 0
@@ -233,7 +235,8 @@ def _is_better(
     return val["ap"] > previous["val_ap"] if meets else gap < previous_gap
 
 
-def _to_tensors(split: Split, device: torch.device) -> Batch:
+def to_tensors(split: Split, device: torch.device) -> Batch:
+    """A numpy split as tensors on ``device``: float features, float 0/1 labels, long group ids."""
     return Batch(
         torch.as_tensor(split.X, dtype=torch.float32, device=device),
         torch.as_tensor(split.y, dtype=torch.float32, device=device),

@@ -183,4 +183,22 @@ def test_module_entry_point_help() -> None:
 
 def test_bench_rejects_methods_for_a_bench_without_method_sweeps(capsys):
     assert cli.main(["bench", "adult-unseen", "--methods", "gmn"]) == 2
-    assert "--methods applies to the adult bench" in capsys.readouterr().err
+    assert "--methods applies to the adult, celeba and colored-digits benches" in capsys.readouterr().err
+
+
+def test_threads_default_to_one_for_tabular_data_and_follow_the_flag(tmp_path, capsys) -> None:
+    import torch
+
+    from groupmixnorm.cli import main
+
+    args = ["train", "--dataset", "adult", "--method", "erm", "--epochs", "1", "--iterations", "2", "--quiet"]
+    try:
+        torch.set_num_threads(2)
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+        assert torch.get_num_threads() == 1
+        assert main([*args, "--threads", "2", "--out", str(tmp_path / "b")]) == 0
+        assert torch.get_num_threads() == 2
+        assert main([*args, "--threads", "0", "--out", str(tmp_path / "c")]) == 2
+        assert "--threads must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(1)

@@ -76,8 +76,6 @@ def test_debias_errors(erm_checkpoint, tmp_path, capsys):
 
 
 def test_quick_debias_bench_writes_its_table_and_reuses_records(tmp_path, monkeypatch):
-    from groupmixnorm.experiments import debias_bench
-
     assert cli.main(["bench", "adult-debias", "--quick", "--quiet", "--results-dir", str(tmp_path)]) == 0
     text = (tmp_path / "adult-debias.md").read_text()
     for row in ("| pre-trained ERM | all | 1 |", "| gmn from scratch | all | 1 |", "| debias gmn | 5% | 1 |",
@@ -90,7 +88,7 @@ def test_quick_debias_bench_writes_its_table_and_reuses_records(tmp_path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(debias_bench, "execute", no_training)
+    monkeypatch.setattr("groupmixnorm.experiments.bench.execute", no_training)
     monkeypatch.setattr("groupmixnorm.experiments.debias.train", no_training)
     assert cli.main(["bench", "adult-debias", "--quick", "--quiet", "--results-dir", str(tmp_path)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in records} == before

@@ -1,4 +1,5 @@
-"""Datasets as arrays: bundled UCI Adult, with protocols, protected attributes and preprocessing."""
+"""Datasets as arrays: bundled UCI Adult, with protocols, protected attributes and preprocessing; colored
+digits (built from scikit-learn's bundled digits) and CelebA (from a local folder) as images."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ from collections.abc import Callable
 from typing import Any
 
 from groupmixnorm.data.adult import ADULT_COLUMNS, load_adult, read_adult_frame
+from groupmixnorm.data.celeba import load_celeba
+from groupmixnorm.data.colored_digits import load_colored_digits
+from groupmixnorm.data.csv import load_csv, load_csv_dataset
 from groupmixnorm.data.tabular import Split, TabularDataset
 
-_LOADERS: dict[str, Callable[..., TabularDataset]] = {"adult": load_adult}
+_LOADERS: dict[str, Callable[..., TabularDataset]] = {
+    "adult": load_adult, "colored-digits": load_colored_digits, "celeba": load_celeba, "csv": load_csv_dataset,
+}
+#: Datasets of images (``X`` of shape ``(n, C, H, W)``), on which the methods train a CNN.
+IMAGE_DATASETS = ("colored-digits", "celeba")
 
 
 def available_datasets() -> list[str]:
@@ -24,7 +32,8 @@ def load_dataset(name: str, **options: Any) -> TabularDataset:
     name : str
         One of :func:`available_datasets`.
     **options
-        Passed to the dataset's loader (for ``"adult"``: :func:`load_adult`).
+        Passed to the dataset's loader: :func:`load_adult`, :func:`load_colored_digits`, :func:`load_celeba` or
+        :func:`~groupmixnorm.data.csv.load_csv_dataset`.
 
     Returns
     -------
@@ -40,5 +49,5 @@ def load_dataset(name: str, **options: Any) -> TabularDataset:
     return _LOADERS[name](**options)
 
 
-__all__ = ["ADULT_COLUMNS", "Split", "TabularDataset", "available_datasets", "load_adult", "load_dataset",
-           "read_adult_frame"]
+__all__ = ["ADULT_COLUMNS", "IMAGE_DATASETS", "Split", "TabularDataset", "available_datasets", "load_adult",
+           "load_celeba", "load_colored_digits", "load_csv", "load_dataset", "read_adult_frame"]

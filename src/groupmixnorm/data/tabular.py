@@ -20,7 +20,7 @@ class Split:
     Attributes
     ----------
     X : numpy.ndarray
-        Features, float32, shape ``(n, d)``.
+        Features, float32, shape ``(n, d)``; for image datasets normalized images of shape ``(n, C, H, W)``.
     y : numpy.ndarray
         Binary labels, int64 in ``{0, 1}``, shape ``(n,)``.
     a : numpy.ndarray
@@ -46,7 +46,8 @@ class TabularDataset:
     train, val, test : Split
         The three splits.
     feature_names : list of str
-        Names of the columns of ``X`` after one-hot encoding (``"<column>_<value>"`` for categories).
+        Names of the columns of ``X`` after one-hot encoding (``"<column>_<value>"`` for categories); empty
+        for image datasets.
     sensitive : str
         The protected attribute, e.g. ``"sex"``.
     group_names : list of str
@@ -54,7 +55,7 @@ class TabularDataset:
     protocol : str
         How the splits were made, e.g. ``"official"`` or ``"fairmixup"``.
     preprocessor : Any
-        The fitted scikit-learn ``ColumnTransformer`` that turns raw rows into ``X``.
+        The fitted scikit-learn ``ColumnTransformer`` that turns raw rows into ``X``; ``None`` for images.
     """
 
     name: str
@@ -74,8 +75,13 @@ class TabularDataset:
 
     @property
     def num_features(self) -> int:
-        """Width ``d`` of the feature matrices."""
-        return self.train.X.shape[1]
+        """Width ``d`` of the feature matrices; for images the number of values per image, ``C * H * W``."""
+        return int(np.prod(self.train.X.shape[1:]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input: ``(d,)`` for feature rows, ``(C, H, W)`` for images."""
+        return tuple(self.train.X.shape[1:])
 
     def describe(self) -> pd.DataFrame:
         """Summarize the splits.

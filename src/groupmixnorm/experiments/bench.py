@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from groupmixnorm.experiments.spec import RunSpec, execute
+from groupmixnorm.experiments.spec import RunSpec, execute, setting_label
 from groupmixnorm.training import TrainConfig, write_json_atomic
 
 #: Columns of ``runs.csv``, in order.
@@ -35,7 +36,8 @@ class Setting:
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """What a bench trains: its settings, seeds and loop configuration. ``name`` is also the dataset."""
+    """What a bench trains: its settings, seeds and loop configuration. ``name`` names the result files and
+    is also the dataset unless ``dataset`` says otherwise."""
 
     name: str
     settings: tuple[Setting, ...]
@@ -45,36 +47,61 @@ class BenchPlan:
     #: Settings timed side by side (ERM first) for the report's time-per-epoch table, and how many rounds.
     timed: tuple[Setting, ...] = ()
     timing_rounds: int = 7
+    dataset: str = ""
+    sensitive: str = "sex"
+    #: Loader options of every run (``RunSpec.dataset_options``), e.g. CelebA's target and folder.
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    #: A paragraph for the report on what the data are (Markdown).
+    notes: str = ""
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or self.name
 
     def specs(self) -> list[RunSpec]:
         """Every run of the plan, seeds outermost so that a partial bench covers all settings evenly."""
         return [
             RunSpec(
-                method=setting.method, method_options=dict(setting.options), dataset=self.name, protocol=self.protocol,
+                method=setting.method, method_options=dict(setting.options), dataset=self.dataset_name,
+                sensitive=self.sensitive, protocol=self.protocol,
                 config=dataclasses.replace(self.config, seed=seed, sampling=setting.sampling),
+                dataset_options=dict(self.dataset_options),
             )
             for seed in self.seeds
             for setting in self.settings
         ]
 
 
-def _sweep(method: str, knob: str, values: Iterable[Any], **fixed: Any) -> list[Setting]:
-    sampling = "group_label" if fixed.get("fairness") == "eo" else "group"
-    return [Setting(method, {**fixed, knob: value}, sampling) for value in values]
+def protocol_sampling(options: dict[str, Any]) -> str:
+    """The batches the Fair Mixup protocol gives a setting: per group and label for equalized-odds
+    settings, per group otherwise."""
+    return "group_label" if options.get("fairness") == "eo" else "group"
 
 
-def _gmn(**options: Any) -> Setting:
+def run_label(spec: RunSpec) -> str:
+    """A run's setting label: its method options, plus its sampling where that is not the protocol's."""
+    label = setting_label(spec.method_options)
+    if spec.config.sampling in ("auto", protocol_sampling(spec.method_options)):
+        return label
+    sampling = f"sampling={spec.config.sampling}"
+    return sampling if label == "default" else f"{label},{sampling}"
+
+
+def _sweep(method: str, knob: str, values: Iterable[Any], *, sampling: str | None = None, **fixed: Any) -> list[Setting]:
+    return [Setting(method, {**fixed, knob: value}, sampling or protocol_sampling(fixed)) for value in values]
+
+
+def _gmn(*, sampling: str | None = None, **options: Any) -> Setting:
     """A gmn setting that names its placement and alignment options, so its command keeps meaning the same
     run if the method's defaults change."""
     options = {"placement": "all", "align": 0.0, "align_quantiles": 0, **options}
-    sampling = "group_label" if options.get("fairness") == "eo" else "group"
-    return Setting("gmn", options, sampling)
+    return Setting("gmn", options, sampling or protocol_sampling(options))
 
 
 #: GroupMixNorm settings of the Adult bench. The first block is the paper's layer in its variants (no
 #: penalty); then alignment at the hidden layers; then the layer on the logit with the alignment weight
 #: swept, its quantile variant (the default: align=1, 16 quantiles), the no-mixing ablation, and the
-#: equalized-odds variants.
+#: equalized-odds variants, on per-label batches as the protocol has it and on group-balanced ones.
 ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     _gmn(),
     _gmn(mix="pairwise"),
@@ -88,8 +115,10 @@ ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0, 10.0)),
     *(_gmn(placement="logit", align=weight, align_quantiles=16, p=0.0) for weight in (0.3, 1.0, 3.0)),
     *(_gmn(placement="logit", align=weight, fairness="eo") for weight in (3.0, 10.0, 30.0, 100.0)),
-    *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 10.0)),
+    *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 3.0, 10.0)),
     *(_gmn(placement="logit", align=weight, fairness="eo", p=0.0) for weight in (10.0, 30.0)),
+    *(_gmn(placement="logit", align=weight, fairness="eo", sampling="group") for weight in (3.0, 10.0, 30.0)),
+    *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo", sampling="group") for weight in (1.0, 3.0)),
 )
 
 
@@ -120,6 +149,11 @@ def adult_plan(*, quick: bool = False, seeds: int = 5) -> BenchPlan:
         *_sweep("adversarial", "lam", (0.3, 1.0, 3.0), fairness="eo"),
         *_sweep("fairmixup", "lam", (0.1, 0.3, 0.5, 0.7, 1.0), fairness="dp"),
         *_sweep("fairmixup", "lam", (0.5, 1.0, 2.0, 5.0), fairness="eo"),
+        # Equalized-odds settings on group-balanced batches (not per label), and ERM on per-label batches:
+        # how much of the equalized-odds comparison is the sampling rather than the method.
+        Setting("erm", {}, "group_label"),
+        *_sweep("gapreg", "lam", (1.0, 2.0, 5.0), fairness="eo", sampling="group"),
+        *_sweep("fairmixup", "lam", (0.5, 1.0, 2.0), fairness="eo", sampling="group"),
         *ADULT_GMN_SETTINGS,
         Setting("expgrad", {"fairness": "dp"}),
         Setting("expgrad", {"fairness": "eo"}),
@@ -141,7 +175,90 @@ def adult_plan(*, quick: bool = False, seeds: int = 5) -> BenchPlan:
     return BenchPlan("adult", settings, tuple(range(seeds)), config, timed=timed)
 
 
-PLANS: dict[str, Callable[..., BenchPlan]] = {"adult": adult_plan}
+def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
+    """The sweep of every method on an image bench (a CNN; see :func:`colored_digits_plan`).
+
+    Quick: one setting per method. Full: ERM without and with ``BatchNorm2d``; GapReg, adversarial
+    debiasing and Fair Mixup over their weight for DP and EO; GroupMixNorm as the paper places it (in every
+    convolution block, no penalty), the same with mixing switched off (``p=0``: batch normalization through
+    the same code, the ablation), and on the logit with the quantile alignment penalty over its weight (DP,
+    and EO within each label); expgrad's logistic regression on the pixels.
+    """
+    if quick:
+        return (
+            Setting("erm", {}),
+            Setting("gapreg", {"lam": 1.0, "fairness": "dp"}),
+            Setting("adversarial", {"lam": 1.0, "fairness": "dp"}),
+            Setting("fairmixup", {"lam": 0.5, "fairness": "dp"}),
+            _gmn(),
+            _gmn(placement="logit", align=1.0, align_quantiles=16),
+            Setting("expgrad", {"fairness": "dp"}),
+        )
+    return (
+        Setting("erm", {}),
+        Setting("erm", {"norm": "batchnorm"}),
+        *_sweep("gapreg", "lam", (0.3, 1.0, 3.0), fairness="dp"),
+        *_sweep("gapreg", "lam", (1.0, 3.0), fairness="eo"),
+        *_sweep("adversarial", "lam", (0.1, 0.3, 1.0), fairness="dp"),
+        *_sweep("adversarial", "lam", (0.3, 1.0), fairness="eo"),
+        *_sweep("fairmixup", "lam", (0.3, 1.0, 3.0), fairness="dp"),
+        *_sweep("fairmixup", "lam", (1.0, 3.0), fairness="eo"),
+        _gmn(),
+        _gmn(p=0.0),
+        *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0)),
+        *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 3.0)),
+        Setting("expgrad", {"fairness": "dp"}),
+        Setting("expgrad", {"fairness": "eo"}, protocol_sampling({"fairness": "eo"})),  # sampling unused; the label stays plain
+    )
+
+
+COLORED_DIGITS_NOTES = (
+    "Data: colored digits (`groupmixnorm.data.colored_digits`), built from scikit-learn's bundled 8x8 "
+    "digits: label `digit >= 5`, protected attribute the color (red or green tint). In train and validation the "
+    "color agrees with the label with probability 0.9 (a 0.8 correlation); in test every digit appears once in "
+    "each color, so color is independent of the label. Model: a CNN of two `Conv2d(3x3) -> [norm] -> ReLU -> "
+    "MaxPool` blocks of 16 and 32 channels, global average pooling and a linear logit (`hidden` lists its "
+    "channels); expgrad fits logistic regression on the 192 normalized pixels."
+)
+
+
+def colored_digits_plan(*, quick: bool = False, seeds: int = 3) -> BenchPlan:
+    """Every method on colored digits (:func:`image_settings`), ``seeds`` seeds, group-balanced batches of
+    64 per group (per group and label for EO settings), 30 epochs of 20 batches, the last epoch kept; about
+    two minutes per seed on one CPU thread. Quick: one setting per method, one seed, 2 epochs of 5 batches."""
+    config = TrainConfig(epochs=30, iterations=20, batch_size=64, hidden=(16, 32), select="last")
+    timed = (Setting("erm", {}), Setting("erm", {"norm": "batchnorm"}), _gmn(),
+             _gmn(placement="logit", align=3.0, align_quantiles=16))
+    if quick:
+        config = dataclasses.replace(config, epochs=2, iterations=5)
+        return BenchPlan("colored-digits", image_settings(quick=True), (0,), config, protocol="official",
+                         sensitive="color", timed=timed[:3], timing_rounds=1, notes=COLORED_DIGITS_NOTES)
+    return BenchPlan("colored-digits", image_settings(), tuple(range(seeds)), config, protocol="official",
+                     sensitive="color", timed=timed, notes=COLORED_DIGITS_NOTES)
+
+
+def celeba_plan(*, quick: bool = False, seeds: int = 3, target: str = "Smiling", data_dir: str | None = None) -> BenchPlan:
+    """The same comparison on CelebA (official partition, 64x64 images, protected attribute Male), for one
+    ``target``; results are named ``celeba-<target>``. Full: :func:`image_settings`, a CNN of four blocks
+    (32, 64, 128, 128 channels), 10 epochs of 200 group-balanced batches of 64 per group. Quick: 2 epochs
+    of 5 batches, one seed. Needs ``data_dir`` (the official layout, see :mod:`groupmixnorm.data.celeba`)."""
+    if data_dir is None:
+        raise ValueError("bench celeba needs --data-dir DIR, the folder with img_align_celeba/, list_attr_celeba.txt "
+                         "and list_eval_partition.txt (see the README)")
+    config = TrainConfig(epochs=10, iterations=200, batch_size=64, hidden=(32, 64, 128, 128), select="last")
+    if quick:
+        config = dataclasses.replace(config, epochs=2, iterations=5)
+    notes = (f"Data: CelebA from `{data_dir}`, official partition, target `{target}`, protected attribute `Male`, "
+             "center-cropped and resized to 64x64, normalized per channel. expgrad fits logistic regression on "
+             "the normalized pixels.")
+    return BenchPlan(f"celeba-{target.lower()}", image_settings(quick=quick), (0,) if quick else tuple(range(seeds)),
+                     config, protocol="official", dataset="celeba", sensitive="Male",
+                     dataset_options={"data_dir": data_dir, "target": target}, notes=notes)
+
+
+PLANS: dict[str, Callable[..., BenchPlan]] = {
+    "adult": adult_plan, "colored-digits": colored_digits_plan, "celeba": celeba_plan,
+}
 
 
 class RecordStore:
@@ -169,6 +286,20 @@ class RecordStore:
         return write_json_atomic(self.path(spec), record)
 
 
+def train_with_checkpoint(store: RecordStore, spec: RunSpec, *, save: bool) -> tuple[dict[str, Any], Path]:
+    """The record of ``spec`` (trained now unless stored), and where its checkpoint is when ``save``.
+
+    Checkpoints sit beside the records but are not committed, so a stored record whose checkpoint is
+    needed and missing is trained again."""
+    checkpoint = store.root / f"{spec.key()}.pt"
+    record = store.load(spec)
+    if record is None or (save and not checkpoint.exists()):
+        record = execute(spec, save_to=checkpoint if save else None)
+        record["command"] = spec.command(out="OUT") + (f" --save {shlex.quote(str(checkpoint))}" if save else "")
+        store.save(spec, record)
+    return record, checkpoint
+
+
 def run_plan(
     plan: BenchPlan,
     store: RecordStore,
@@ -185,6 +316,7 @@ def run_plan(
         reused = record is not None
         if record is None:
             record = execute(spec)
+            record["setting"] = run_label(spec)
             store.save(spec, record)
         records.append(record)
         if on_run is not None:
@@ -198,18 +330,20 @@ def side_by_side_epoch_times(plan: BenchPlan, path: Path) -> Any:
     import pandas as pd
 
     from groupmixnorm.data import load_dataset
-    from groupmixnorm.experiments.spec import setting_label
     from groupmixnorm.experiments.timing import time_epochs
 
     key = {"timed": [dataclasses.asdict(s) for s in plan.timed], "rounds": plan.timing_rounds,
            "config": dataclasses.asdict(plan.config), "protocol": plan.protocol}
+    if plan.dataset_name != "adult":  # only then, so that the stored Adult table keeps its key
+        key.update(dataset=plan.dataset_name, sensitive=plan.sensitive, dataset_options=plan.dataset_options)
     key = json.loads(json.dumps(key))
     if path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored.get("key") == key:
             return pd.DataFrame(stored["table"])
     contenders = [(f"{s.method} {setting_label(s.options)}", s.method, s.options, s.sampling) for s in plan.timed]
-    data = load_dataset(plan.name, protocol=plan.protocol, seed=0)
+    data = load_dataset(plan.dataset_name, sensitive=plan.sensitive, protocol=plan.protocol, seed=0,
+                        **plan.dataset_options)
     table = time_epochs(contenders, data, plan.config, rounds=plan.timing_rounds)
     write_json_atomic(path, {"key": key, "table": table.to_dict(orient="list")})
     return table
@@ -280,6 +414,7 @@ def _markdown_report(
         "(fairlearn's definitions). Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform") + ".",
         "",
+        *([plan.notes, ""] if plan.notes else []),
         "## Best AP under a fairness bound (means over seeds)",
         "",
     ]

@@ -16,8 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from groupmixnorm.experiments.bench import RecordStore
-from groupmixnorm.experiments.spec import RunSpec, execute
+from groupmixnorm.experiments.bench import RecordStore, train_with_checkpoint
+from groupmixnorm.experiments.report import over_seeds
+from groupmixnorm.experiments.spec import RunSpec
 from groupmixnorm.training import TrainConfig, write_json_atomic, write_text_atomic
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
@@ -37,8 +38,8 @@ def run_debias_bench(
     records = []
     for seed in range(seeds):
         config = TrainConfig(epochs=epochs, seed=seed)
-        erm, pretrained = _train_once(store, RunSpec(method="erm", config=config), save=True)
-        scratch, _ = _train_once(store, RunSpec(method="gmn", config=config), save=False)
+        erm, pretrained = train_with_checkpoint(store, RunSpec(method="erm", config=config), save=True)
+        scratch, _ = train_with_checkpoint(store, RunSpec(method="gmn", config=config), save=False)
         records += [{**erm, "role": "pre-trained ERM"}, {**scratch, "role": "gmn from scratch"}]
         if on_run:
             on_run(f"erm and gmn seed {seed}")
@@ -50,17 +51,6 @@ def run_debias_bench(
                 if on_run:
                     on_run(f"debias {method} {fraction:g} seed {seed}")
     return records
-
-
-def _train_once(store: RecordStore, spec: RunSpec, *, save: bool) -> tuple[dict[str, Any], Path]:
-    """The record of ``spec`` (trained now unless stored), and where its checkpoint is when ``save``."""
-    checkpoint = store.root / f"{spec.key()}.pt"
-    record = store.load(spec)
-    if record is None or (save and not checkpoint.exists()):  # checkpoints are not committed: retrain
-        record = execute(spec, save_to=checkpoint if save else None)
-        record["command"] = spec.command(out="OUT") + (f" --save {shlex.quote(str(checkpoint))}" if save else "")
-        store.save(spec, record)
-    return record, checkpoint
 
 
 def _debias_once(
@@ -87,12 +77,7 @@ def debias_table(records: list[dict[str, Any]]) -> pd.DataFrame:
             for r in records]
     frame = pd.DataFrame(rows)
     frame["fraction"] = frame["fraction"].fillna(-1)
-    grouped = frame.groupby(["role", "fraction"], sort=False)
-    table = grouped[list(COLUMNS)].agg(["mean", "std"])
-    table.columns = [f"{m}_{s}" for m, s in table.columns]
-    table["seeds"] = grouped["seed"].nunique()
-    table["seconds"] = grouped["seconds"].median()
-    return table.reset_index()
+    return over_seeds(frame, ("role", "fraction"), COLUMNS, medians=("seconds",)).reset_index()
 
 
 def write_debias_report(records: list[dict[str, Any]], path: Path, command: str) -> Path:

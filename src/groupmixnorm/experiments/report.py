@@ -16,15 +16,25 @@ GAP_THRESHOLDS = (0.02, 0.05, 0.10)
 FRONT_GAPS = ("dp_gap", "eodds_gap")
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (method, setting), with the seed count and the
-    per-epoch time relative to ERM (median ERM epoch of the same records)."""
-    grouped = runs.groupby(["method", "setting"], sort=False)
-    table = grouped[list(SUMMARY_METRICS)].agg(["mean", "std"])
+def over_seeds(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], medians: Sequence[str] = ()) -> pd.DataFrame:
+    """Per group of ``by`` (in order of appearance): ``<metric>_mean`` and ``<metric>_std`` over its rows
+    (one per seed), ``seeds`` (distinct ``seed`` values) and the median of each column in ``medians``."""
+    grouped = frame.groupby(list(by), sort=False)
+    table = grouped[list(metrics)].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
     table["seeds"] = grouped["seed"].nunique()
-    table["epoch_seconds"] = grouped["epoch_seconds"].median()
-    erm = runs.loc[runs["method"] == "erm", "epoch_seconds"]
+    for column in medians:
+        table[column] = grouped[column].median()
+    return table
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per (method, setting), with the seed count and the
+    per-epoch time relative to ERM (the median epoch of ERM's first setting in the same records)."""
+    table = over_seeds(runs, ("method", "setting"), SUMMARY_METRICS, medians=("epoch_seconds",))
+    # The reference is ERM's first setting (the plain one); other ERM settings are rows like any other.
+    erm_runs = runs[runs["method"] == "erm"]
+    erm = erm_runs.loc[erm_runs["setting"] == erm_runs["setting"].iloc[0], "epoch_seconds"] if len(erm_runs) else erm_runs
     table["time_vs_erm"] = table["epoch_seconds"] / erm.median() if len(erm) else np.nan
     return table.reset_index()
 

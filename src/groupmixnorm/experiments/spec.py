@@ -14,13 +14,18 @@ from typing import Any, Callable
 from groupmixnorm.data import load_dataset
 from groupmixnorm.methods import make_method
 from groupmixnorm.training import TrainConfig, environment_versions, train
+from groupmixnorm.training.resume import ResumePoint
 
 METRIC_KEYS = ("accuracy", "ap", "dp_gap", "eopp_gap", "eodds_gap", "dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that decides one training run; equal specs give equal numbers on the CPU."""
+    """Everything that decides one training run; equal specs give equal numbers on the CPU.
+
+    ``dataset_options`` are further options of the dataset's loader, such as ``target``, ``data_dir`` and
+    ``image_size`` for CelebA or ``bias`` for colored digits; each is also a ``train`` flag.
+    """
 
     method: str
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -29,6 +34,7 @@ class RunSpec:
     protocol: str = "official"
     quantize: bool = False
     config: TrainConfig = TrainConfig()
+    dataset_options: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
         """A short stable name for this spec, used as the record's file name."""
@@ -36,11 +42,14 @@ class RunSpec:
         return f"{self.method}-s{self.config.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        spec = {
             "method": self.method, "method_options": dict(self.method_options), "dataset": self.dataset,
             "sensitive": self.sensitive, "protocol": self.protocol, "quantize": self.quantize,
             "config": dataclasses.asdict(self.config),
         }
+        if self.dataset_options:  # only when set, so that the keys of earlier (Adult) records stay the same
+            spec["dataset_options"] = dict(self.dataset_options)
+        return spec
 
     def command(self, out: str = "OUT") -> str:
         """The ``groupmixnorm train`` command line that reproduces this run on its own."""
@@ -48,6 +57,8 @@ class RunSpec:
                  "--protocol", self.protocol]
         if self.quantize:
             words.append("--quantize")
+        for name, value in sorted(self.dataset_options.items()):
+            words += [_flag(name), _word(value)]
         words += ["--method", self.method]
         for name, value in sorted(self.method_options.items()):
             words += [_flag(name), _word(value)]
@@ -65,18 +76,23 @@ def execute(
     *,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     save_to: str | Path | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train the run described by ``spec`` and return its JSON-ready record.
 
     With ``save_to``, the selected model is also written there as a checkpoint
     (:func:`groupmixnorm.training.checkpoint.save_checkpoint`) that ``groupmixnorm predict`` can use.
+    With ``state_path``, the loop's state is saved there after every epoch, and with ``resume`` a run
+    continues from a state found there (see :func:`groupmixnorm.training.train`).
     """
     started = time.perf_counter()
     data = load_run_data(spec.to_dict())
     method = make_method(spec.method, **spec.method_options)
     if save_to is not None and method.name == "expgrad":
         raise ValueError("--save supports the torch-trained methods; expgrad models are not saved")
-    result = train(method, data, spec.config, on_epoch=on_epoch)
+    point = None if state_path is None else ResumePoint(Path(state_path), spec.to_dict(), resume)
+    result = train(method, data, spec.config, on_epoch=on_epoch, resume=point)
     if save_to is not None:
         from groupmixnorm.training.checkpoint import save_checkpoint
 
@@ -123,7 +139,8 @@ def setting_label(options: dict[str, Any]) -> str:
 def load_run_data(spec: dict[str, Any]) -> Any:
     """The dataset of a run, from its spec in dict form (:meth:`RunSpec.to_dict`, as records and checkpoints
     store it): the same rows, split and preprocessing the run trained on."""
-    options: dict[str, Any] = {"sensitive": spec["sensitive"], "protocol": spec["protocol"]}
+    options: dict[str, Any] = {"sensitive": spec["sensitive"], "protocol": spec["protocol"],
+                               **spec.get("dataset_options", {})}
     if spec.get("quantize"):
         options["quantize"] = True
     if spec["protocol"] == "fairmixup":

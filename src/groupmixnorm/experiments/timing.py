@@ -52,7 +52,7 @@ def _epoch_runner(
     method = make_method(method_name, **options)
     settings = TrainConfig(**{**config.__dict__, "sampling": sampling})
     torch.manual_seed(settings.seed)
-    model = method.build_model(ModelSpec(data.num_features, data.num_groups, settings.hidden))
+    model = method.build_model(ModelSpec.of(data, settings.hidden))
     method.setup(model, settings.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -11,7 +11,7 @@ from groupmixnorm.methods.expgrad import ExponentiatedGradientMethod
 from groupmixnorm.methods.fairmixup import FairMixup
 from groupmixnorm.methods.gapreg import GapRegularization
 from groupmixnorm.methods.gmn import GroupMixNormMethod
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_cnn, build_mlp, build_network
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
@@ -35,5 +35,5 @@ def make_method(name: str, **options: Any) -> Method:
 
 __all__ = [
     "METHODS", "AdversarialDebiasing", "Batch", "ERM", "ExponentiatedGradientMethod", "FairMixup", "GapRegularization",
-    "GroupMixNormMethod", "Method", "ModelSpec", "build_mlp", "make_method",
+    "GroupMixNormMethod", "Method", "ModelSpec", "build_cnn", "build_mlp", "build_network", "make_method",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_network
 
 
 @dataclass
@@ -28,13 +29,20 @@ class AdversarialDebiasing(Method):
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         self.num_groups = spec.num_groups
-        return build_mlp(spec.in_features, spec.hidden)
+        return build_network(spec)
 
     def setup(self, model: nn.Module, seed: int) -> None:
         inputs = 1 if self.fairness == "dp" else 3
         self.adversary = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, self.num_groups))
         self.adversary.to(next(model.parameters()).device)
         self.adversary_optimizer = torch.optim.Adam(self.adversary.parameters(), lr=self.adversary_lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adversary": self.adversary.state_dict(), "optimizer": self.adversary_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.adversary.load_state_dict(state["adversary"])
+        self.adversary_optimizer.load_state_dict(state["optimizer"])
 
     def _adversary_inputs(self, logits: Tensor, y: Tensor) -> Tensor:
         s = logits.unsqueeze(1)

@@ -35,11 +35,27 @@ class Batch:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a method needs to know to build its model."""
+    """What a method needs to know to build its model.
+
+    ``input_shape`` is the shape of one input without the batch dimension: ``(C, H, W)`` for images, for
+    which ``hidden`` lists the channels of the convolution blocks; ``None`` means a feature vector of
+    ``in_features``, for which ``hidden`` lists the MLP's widths.
+    """
 
     in_features: int
     num_groups: int
     hidden: tuple[int, ...] = (200, 200)
+    input_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, data: TabularDataset, hidden: tuple[int, ...]) -> ModelSpec:
+        """The spec of a model for ``data``'s inputs and groups."""
+        shape = tuple(data.input_shape) if len(data.input_shape) > 1 else None
+        return cls(data.num_features, data.num_groups, tuple(hidden), shape)
+
+    @property
+    def is_image(self) -> bool:
+        return self.input_shape is not None and len(self.input_shape) == 3
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -71,6 +87,14 @@ class Method:
     def predict_logits(self, model: nn.Module, x: Tensor, a: Tensor | None = None) -> Tensor:
         """Logits for ``x`` with the model in evaluation mode; ``a`` is offered, most methods ignore it."""
         return model(x).squeeze(-1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state the method keeps outside the model (an adversary and its optimizer, say), so
+        that an interrupted run can resume; empty for most methods."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (after :meth:`setup`)."""
 
     def options(self) -> dict[str, Any]:
         """The method's options as a plain dict (the dataclass fields)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_network
 
 
 @dataclass
@@ -18,7 +18,7 @@ class ERM(Method):
     norm: str = option("none", "normalization layer of the ERM model", choices=("none", "batchnorm"))
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        return build_mlp(spec.in_features, spec.hidden, norm=self.norm)
+        return build_network(spec, norm=self.norm)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         loss = binary_cross_entropy(model(batch.x).squeeze(-1), batch.y)

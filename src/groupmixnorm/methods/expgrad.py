@@ -3,6 +3,7 @@
 The reduction is fairlearn's :class:`~fairlearn.reductions.ExponentiatedGradient`; it fits a sequence of
 weighted scikit-learn logistic regressions on the same standardized features as the torch methods and
 returns a randomized classifier. It does not use the torch loop (see :meth:`Method.fit_outside_loop`).
+Images are flattened: the logistic regression reads the normalized pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fairlearn.reductions import DemographicParity, EqualizedOdds, ExponentiatedGradient
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 from torch import nn
@@ -20,6 +20,8 @@ from torch import nn
 from groupmixnorm.methods.base import Method, ModelSpec, Scorer, option
 
 if TYPE_CHECKING:
+    from fairlearn.reductions import ExponentiatedGradient
+
     from groupmixnorm.data import TabularDataset
 
 FAIRNESS_CHOICES = ("dp", "eo")
@@ -58,6 +60,9 @@ class ExponentiatedGradientMethod(Method):
 
     def reduction(self, seed: int) -> ExponentiatedGradient:
         """The unfitted fairlearn reduction: this method's constraint over a logistic regression seeded by ``seed``."""
+        # Imported here: fairlearn.reductions takes seconds to import, and only this method needs it.
+        from fairlearn.reductions import DemographicParity, EqualizedOdds, ExponentiatedGradient
+
         constraint = DemographicParity() if self.fairness == "dp" else EqualizedOdds()
         estimator = LogisticRegression(max_iter=LOGISTIC_MAX_ITER, random_state=seed)
         return ExponentiatedGradient(estimator, constraint, eps=self.eps, max_iter=self.max_iter)
@@ -67,14 +72,19 @@ class ExponentiatedGradientMethod(Method):
         with _single_blas_thread(), warnings.catch_warnings():
             # fairlearn's own pandas usage triggers deprecation warnings that say nothing about this run.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fairlearn\.")
-            fitted = self.reduction(seed).fit(data.train.X, data.train.y, sensitive_features=data.train.a)
-        return lambda X: expected_prediction(fitted, X)
+            fitted = self.reduction(seed).fit(_rows(data.train.X), data.train.y, sensitive_features=data.train.a)
+        return lambda X: expected_prediction(fitted, _rows(X))
 
 
 def expected_prediction(fitted: ExponentiatedGradient, X: np.ndarray) -> np.ndarray:
     """Probability that the fitted randomized classifier predicts 1 on each row of ``X`` (float64)."""
     with _single_blas_thread():
         return np.asarray(fitted._pmf_predict(X)[:, 1], dtype=np.float64)
+
+
+def _rows(X: np.ndarray) -> np.ndarray:
+    """Feature rows as they are, images flattened to one row of pixels each (logistic regression on pixels)."""
+    return X.reshape(len(X), -1)
 
 
 def _single_blas_thread() -> threadpool_limits:

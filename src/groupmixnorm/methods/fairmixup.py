@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_network
 
 
 @dataclass
@@ -19,6 +19,7 @@ class FairMixup(Method):
     the regularizer is ``|E[d/dt f(x_t)]|``, the derivative of the mean score along the path, computed from
     input gradients (``"dp"``). For equalized odds (``"eo"``) the pairs are formed within each label and the
     two terms are added. With more than two groups, each batch regularizes one random pair of groups.
+    Inputs may be feature rows or images; images are mixed pixel by pixel.
     """
 
     name = "fairmixup"
@@ -31,7 +32,7 @@ class FairMixup(Method):
         return "group" if self.fairness == "dp" else "group_label"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        return build_mlp(spec.in_features, spec.hidden)
+        return build_network(spec)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         bce = binary_cross_entropy(model(batch.x).squeeze(-1), batch.y)
@@ -53,4 +54,4 @@ class FairMixup(Method):
         mixed = (t * first + (1 - t) * second).requires_grad_(True)
         mean_score = torch.sigmoid(model(mixed).squeeze(-1)).mean()
         (gradient,) = torch.autograd.grad(mean_score, mixed, create_graph=True)
-        return (gradient * (first - second)).sum(dim=1).sum().abs()
+        return (gradient * (first - second)).flatten(1).sum(dim=1).sum().abs()  # any input shape: rows or images

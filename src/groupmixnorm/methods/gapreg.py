@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_network
 
 FAIRNESS_CHOICES = ("dp", "eo")
 
@@ -54,7 +54,7 @@ class GapRegularization(Method):
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         self.num_groups = spec.num_groups
-        return build_mlp(spec.in_features, spec.hidden)
+        return build_network(spec)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch.x).squeeze(-1)

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
-from groupmixnorm.methods.models import build_mlp
+from groupmixnorm.methods.models import build_network
 from groupmixnorm.nn import collect_alignment, use_groups
 
 
 @dataclass
 class GroupMixNormMethod(Method):
-    """An MLP with GroupMixNorm layers; cross-entropy plus ``align`` times the layers' alignment penalty.
+    """An MLP (or, for images, a CNN) with GroupMixNorm layers; cross-entropy plus ``align`` times the
+    layers' alignment penalty.
 
     The default, chosen on the Adult bench (see the README), puts one layer on the logit and aligns the
     groups' logit distributions (16 quantiles) with weight 1. ``placement="all", align=0`` is the paper's
@@ -57,10 +58,7 @@ class GroupMixNormMethod(Method):
             "output_scale": self.output_scale, "momentum": self.momentum,
             "align_covariance": self.align_covariance, "align_quantiles": self.align_quantiles,
         }
-        return build_mlp(
-            spec.in_features, spec.hidden, norm="groupmixnorm", placement=self.placement,
-            num_groups=spec.num_groups, norm_options=layer_options,
-        )
+        return build_network(spec, norm="groupmixnorm", placement=self.placement, norm_options=layer_options)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         condition = batch.y.long() if self.fairness == "eo" else None

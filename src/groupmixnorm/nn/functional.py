@@ -821,30 +821,41 @@ def alignment_penalty(
 def quantile_alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, levels: int) -> Tensor:
     """``sum_g pi_g mean_{c,u} ((Q_g(u) - Q_B(u)) / sigma_B)^2`` at ``levels`` evenly spaced quantile levels.
 
-    Vectorized over groups: values are sorted per channel, then stably by group, so each group's sorted
-    values sit in one contiguous run; every group's quantiles are then one ``gather``. Quantiles use the
-    nearest rank, which keeps the gradient a permutation of the upstream one.
+    Quantiles use the nearest rank, so each one *is* an input value and its gradient flows to that value
+    alone. Which values they are is found without autograd (a sort per channel, then a stable sort by
+    group, which leaves each group's values ascending in one contiguous run); the graph then holds a single
+    ``gather``, which keeps the backward pass cheap. Vectorized over groups and channels.
     """
     values = x.transpose(0, 1).flatten(1) if x.dim() > 2 else x.T  # (C, values)
-    value_groups = groups.repeat_interleave(x[0, 0].numel()) if x.dim() > 2 else groups
-    sorted_values, order = values.sort(dim=1)
-    by_group = value_groups[order].sort(dim=1, stable=True)
-    grouped = sorted_values.gather(1, by_group.indices)  # per channel: group 0's values ascending, then 1's...
-    counts = moments.counts.long()
-    starts = torch.cumsum(counts, 0) - counts
-    level = torch.linspace(0.0, 1.0, levels, dtype=x.dtype, device=x.device)
-    rank = (level.unsqueeze(0) * (counts - 1).clamp_min(0).unsqueeze(1)).round().long()  # (G, levels)
-    # Absent groups would index past the end; they take no share, so any valid index will do.
-    index = (starts.unsqueeze(1) + rank).clamp_max(values.shape[1] - 1).flatten().unsqueeze(0)
-    index = index.expand(values.shape[0], -1)
-    group_quantiles = grouped.gather(1, index).view(values.shape[0], -1, levels)  # (C, G, levels)
-    batch_rank = (level * (values.shape[1] - 1)).round().long()
-    batch_quantiles = sorted_values[:, batch_rank].unsqueeze(1)  # (C, 1, levels)
+    with torch.no_grad():
+        picks, num_groups = _quantile_positions(values, groups, moments.counts, x[0, 0].numel(), levels)
+    picked = values.gather(1, picks)
+    group_quantiles = picked[:, : num_groups * levels].view(values.shape[0], num_groups, levels)
+    batch_quantiles = picked[:, num_groups * levels :].unsqueeze(1)  # (C, 1, levels)
     batch_std = torch.sqrt(moments.batch_var + eps).view(-1, 1, 1)
     distance = ((group_quantiles - batch_quantiles) / batch_std).pow(2).mean(dim=(0, 2))  # (G,)
     usable = eligible_groups(moments.counts)
     shares = (moments.counts * usable) / (moments.counts * usable).sum().clamp_min(1)
     return (shares * distance).sum()
+
+
+def _quantile_positions(
+    values: Tensor, groups: Tensor, counts: Tensor, values_per_sample: int, levels: int
+) -> tuple[Tensor, int]:
+    """Column indices into ``values`` (C, M) of every group's quantiles, then the batch's: (C, (G + 1) * levels)."""
+    value_groups = groups.repeat_interleave(values_per_sample) if values_per_sample > 1 else groups
+    order = values.argsort(dim=1)
+    by_group = value_groups[order].argsort(dim=1, stable=True)
+    grouped = order.gather(1, by_group)  # per channel: group 0's positions by ascending value, then 1's...
+    counts = counts.long()
+    starts = torch.cumsum(counts, 0) - counts
+    level = torch.linspace(0.0, 1.0, levels, dtype=torch.float64, device=values.device)
+    rank = (level.unsqueeze(0) * (counts - 1).clamp_min(0).unsqueeze(1)).round().long()  # (G, levels)
+    # Absent groups would index past the end; they take no share, so any valid index will do.
+    index = (starts.unsqueeze(1) + rank).clamp_max(values.shape[1] - 1).flatten()
+    batch_rank = (level * (values.shape[1] - 1)).round().long()
+    picks = torch.cat([grouped[:, index], order[:, batch_rank]], dim=1)
+    return picks, counts.shape[0]
 
 
 def _covariance_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, batch_std: Tensor, shares: Tensor) -> Tensor:

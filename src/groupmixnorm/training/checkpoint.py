@@ -71,6 +71,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, method: Any, s
     """Write ``model`` (trained by ``method`` on ``data`` as ``spec`` says) to ``path`` atomically."""
     from groupmixnorm.training.records import atomic_output, environment_versions
 
+    if len(data.input_shape) > 1:
+        raise ValueError("--save writes models that score CSV rows (predict); image models are not saved yet")
     if data.preprocessor is None or getattr(spec, "quantize", False):
         raise ValueError("this run cannot be saved for prediction: its preprocessing is not a fitted transformer "
                          "(the --quantize quirk is not supported)")

@@ -18,6 +18,8 @@ from torch import nn
 from groupmixnorm.data import Split, TabularDataset
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
 from groupmixnorm.metrics import fairness_report, group_rates
+from groupmixnorm.training.distributed import Workers, check_method, workers_from_environment, wrap_model
+from groupmixnorm.training.resume import LoopState, ResumePoint, load_state, save_state
 from groupmixnorm.training.sampling import batch_indices
 
 SELECTION_RULES = ("ap", "last", "dp_gap", "eodds_gap")
@@ -104,34 +106,48 @@ def train(
     config: TrainConfig = TrainConfig(),
     *,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    resume: ResumePoint | None = None,
 ) -> TrainResult:
-    """Train ``method`` on ``data`` and evaluate the selected epoch on the test split."""
+    """Train ``method`` on ``data`` and evaluate the selected epoch on the test split.
+
+    With ``resume``, the loop's whole state is saved to ``resume.path`` after every epoch and, when
+    ``resume.resume`` is set and a state exists, restored from there first, so the run continues exactly
+    where it stopped (:mod:`groupmixnorm.training.resume`). A NaN or infinite loss raises
+    :class:`TrainingDiverged` naming the epoch and batch; the saved state is then the last good epoch's.
+    """
     generator = seed_everything(config.seed)
     outside = _fit_outside_loop(method, data, config, on_epoch)
     if outside is not None:
         return outside
     device = torch.device(config.device)
+    workers = workers_from_environment(device)
+    check_method(method.name, workers)
     train_split, val_split, test_split = (to_tensors(s, device) for s in (data.train, data.val, data.test))
-    model = method.build_model(ModelSpec(data.num_features, data.num_groups, tuple(config.hidden))).to(device)
+    model = method.build_model(ModelSpec.of(data, config.hidden)).to(device)
     method.setup(model, config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = wrap_model(model, workers)  # the model itself, or its synchronized DDP copy under torchrun
+    optimizer = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    history: list[dict[str, float]] = []
-    epoch_seconds: list[float] = []
-    best: tuple[int, dict[str, Any]] | None = None
-    for epoch in range(config.epochs):
+    loop = LoopState(epoch=-1, history=[], epoch_seconds=[], best=None)
+    if resume is not None:
+        loop = load_state(resume, model=model, optimizer=optimizer, method=method, generator=generator) or loop
+    for epoch in range(loop.epoch + 1, config.epochs):
         started = time.perf_counter()
-        train_log = train_one_epoch(method, model, optimizer, train_split, config, generator, epoch)
-        epoch_seconds.append(time.perf_counter() - started)
+        train_log = train_one_epoch(method, trained, optimizer, train_split, config, generator, epoch, workers)
+        loop.epoch_seconds.append(time.perf_counter() - started)
         val_metrics, _ = evaluate(method, model, val_split)
-        history.append({"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val_metrics.items()}})
-        if _is_better(config, val_metrics, history, best):
-            best = (epoch, copy.deepcopy(model.state_dict()))
+        loop.history.append({"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        if _is_better(config, val_metrics, loop.history, loop.best):
+            loop.best = (epoch, copy.deepcopy(model.state_dict()))
+        loop.epoch = epoch
+        if resume is not None and workers.is_main:
+            save_state(resume, loop, model=model, optimizer=optimizer, method=method, generator=generator)
         if on_epoch is not None:
             on_epoch(epoch, val_metrics)
 
-    assert best is not None
-    selected_epoch, state = best
+    assert loop.best is not None
+    selected_epoch, state = loop.best
+    history, epoch_seconds = loop.history, loop.epoch_seconds
     model.load_state_dict(state)
     test_metrics, test_scores = evaluate(method, model, test_split)
     val_metrics, _ = evaluate(method, model, val_split)
@@ -173,11 +189,18 @@ def _score_split(scorer: Scorer, split: Split) -> tuple[dict[str, float], np.nda
     return fairness_report(split.y, scores, split.a), scores
 
 
+#: Images are scored in chunks of this many, so that a CNN's activations on a whole split never sit in memory.
+EVAL_IMAGE_CHUNK = 1024
+
+
 def evaluate(method: Method, model: nn.Module, split: Batch) -> tuple[dict[str, float], np.ndarray]:
     """Scores (probabilities) and :func:`fairness_report` of ``model`` on one split."""
     model.eval()
+    # Feature rows are scored in one call (as before, so tabular numbers stay bit for bit the same).
+    chunk = EVAL_IMAGE_CHUNK if split.x.dim() > 2 else max(len(split.y), 1)
     with torch.no_grad():
-        scores = torch.sigmoid(method.predict_logits(model, split.x, split.a)).cpu().numpy().astype(np.float64)
+        logits = [method.predict_logits(model, x, a) for x, a in zip(split.x.split(chunk), split.a.split(chunk))]
+        scores = torch.sigmoid(torch.cat(logits)).cpu().numpy().astype(np.float64)
     metrics = fairness_report(split.y.cpu().numpy(), scores, split.a.cpu().numpy())
     return metrics, scores
 
@@ -190,9 +213,11 @@ def train_one_epoch(
     config: TrainConfig,
     generator: torch.Generator,
     epoch: int,
+    workers: Workers = Workers(),
 ) -> dict[str, float]:
     """One epoch of optimizer steps on ``split`` (see :func:`to_tensors`); returns the mean of each logged
-    number. :func:`train` calls it; :mod:`groupmixnorm.experiments.timing` times it alone."""
+    number. :func:`train` calls it; :mod:`groupmixnorm.experiments.timing` times it alone. Under several
+    ``workers`` each process steps on its slice of every batch."""
     model.train()
     totals: dict[str, float] = {}
     steps = 0
@@ -202,8 +227,9 @@ def train_one_epoch(
         generator=generator,
     )
     for step, index in enumerate(indices):
-        if len(index) < 2:
-            continue  # a trailing batch of one sample has no batch statistics
+        if len(index) < 2 * workers.world_size:
+            continue  # a trailing batch too small for batch statistics (on every process: all skip alike)
+        index = workers.shard(index)
         batch = Batch(split.x[index], split.y[index], split.a[index])
         loss, logs = method.training_loss(model, batch)
         if not torch.isfinite(loss):

@@ -1,0 +1,172 @@
+"""The invariance benchmark: how much of the protected attribute each method's layers keep, on Adult.
+
+The models are the Adult bench's best settings per method (best AP with dp_gap <= 0.05, or <= 0.10 where
+a method has none; plus the paper's layer in every hidden block), trained exactly as in that bench (the
+same specs) and saved; each is then analyzed on its test split (:mod:`groupmixnorm.experiments.invariance`).
+One JSON record per model, written atomically; a finished one is never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from groupmixnorm.experiments.bench import RecordStore, adult_plan, train_with_checkpoint
+from groupmixnorm.experiments.invariance import AnalysisOptions, analyze_checkpoint
+from groupmixnorm.experiments.report import over_seeds
+from groupmixnorm.experiments.spec import RunSpec
+from groupmixnorm.training import write_json_atomic, write_text_atomic
+
+#: (method, options) of the analyzed settings, each as named in the Adult bench, with why it was chosen.
+SETTINGS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("erm", {}, "the unconstrained reference"),
+    ("gapreg", {"fairness": "dp", "lam": 1.0}, "best AP with dp_gap <= 0.05"),
+    ("adversarial", {"fairness": "dp", "lam": 3.0}, "best AP with dp_gap <= 0.10 (none reaches 0.05)"),
+    ("fairmixup", {"fairness": "dp", "lam": 1.0}, "best AP with dp_gap <= 0.05"),
+    ("gmn", {"placement": "logit", "align": 1.0, "align_quantiles": 16}, "the default; best AP with dp_gap <= 0.05"),
+    ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0}, "the paper's layer after every hidden layer"),
+)
+SUMMARY_LAYERS = ("probe_balanced_accuracy", "probe_auc", "mmd", "mmd_p_value")
+
+
+def invariance_specs(*, seeds: int = 5, quick: bool = False) -> list[tuple[RunSpec, str]]:
+    """The Adult bench's specs of :data:`SETTINGS` (quick: its quick loop settings), with each one's reason."""
+    plan = adult_plan(quick=quick, seeds=seeds)
+    wanted = {(method, json.dumps(options, sort_keys=True)): why for method, options, why in SETTINGS}
+    chosen = []
+    for seed in range(1 if quick else seeds):
+        for method, options, why in SETTINGS:
+            spec = next((s for s in _all_specs(plan, seed)
+                         if (s.method, json.dumps(s.method_options, sort_keys=True)) == (method, json.dumps(options, sort_keys=True))),
+                        None)
+            chosen.append((spec if spec is not None else _spec_like(plan, method, options, seed), why))
+    assert len(chosen) == len(wanted) * (1 if quick else seeds)
+    return chosen
+
+
+def _all_specs(plan: Any, seed: int) -> list[RunSpec]:
+    return [spec for spec in plan.specs() if spec.config.seed == seed]
+
+
+def _spec_like(plan: Any, method: str, options: dict[str, Any], seed: int) -> RunSpec:
+    """A spec for a setting the (quick) plan does not hold, with the plan's loop settings."""
+    import dataclasses
+
+    from groupmixnorm.experiments.bench import protocol_sampling
+
+    config = dataclasses.replace(plan.config, seed=seed, sampling=protocol_sampling(options))
+    return RunSpec(method=method, method_options=dict(options), dataset="adult", protocol=plan.protocol, config=config)
+
+
+def run_invariance(root: Path, *, seeds: int = 5, quick: bool = False, on_run: Callable[[str], None] | None = None,
+                   plots_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Train (or reuse) and analyze every model of the benchmark under ``root``; return the records.
+
+    Embedding plots of seed 0 go to ``plots_dir/<method>-<n>/`` when given."""
+    store = RecordStore(root)
+    options = AnalysisOptions(permutations=50, max_rows=1000, mmd_rows_per_group=200) if quick else AnalysisOptions()
+    records = []
+    for index, (spec, why) in enumerate(invariance_specs(seeds=seeds, quick=quick)):
+        path = root / f"analysis-{spec.key()}.json"
+        if path.exists():
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            record, checkpoint = train_with_checkpoint(store, spec, save=True)
+            setting_index = index % len(SETTINGS)
+            plots = plots_dir / f"{spec.method}-{setting_index}" if plots_dir is not None and spec.config.seed == 0 else None
+            analysis = analyze_checkpoint(checkpoint, plots, options=options)
+            records.append(write_record(path, spec, record, analysis, why, setting_index))
+        if on_run:
+            on_run(f"{spec.method} seed {spec.config.seed}")
+    return records
+
+
+def write_record(path: Path, spec: RunSpec, record: dict[str, Any], analysis: dict[str, Any], why: str,
+                 setting_index: int) -> dict[str, Any]:
+    result = {
+        "method": spec.method, "setting": record["setting"], "setting_index": setting_index, "why": why,
+        "seed": spec.config.seed, "ap": record["ap"], "dp_gap": record["dp_gap"], "eodds_gap": record["eodds_gap"],
+        "layers": analysis["layers"], "chance_balanced_accuracy": analysis["chance_balanced_accuracy"],
+        "analysis_options": analysis["options"], "train_command": record["command"],
+    }
+    write_json_atomic(path, result)
+    return result
+
+
+def invariance_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Mean and std over seeds of every layer's numbers, per setting and layer (layers in forward order)."""
+    rows = [{"setting_index": r["setting_index"], "method": r["method"], "setting": r["setting"], "layer": layer,
+             "seed": r["seed"], **{key: values[key] for key in SUMMARY_LAYERS}}
+            for r in records for layer, values in r["layers"].items()]
+    frame = pd.DataFrame(rows)
+    frame["mmd_p_value_median"] = frame["mmd_p_value"]
+    table = over_seeds(frame, ("setting_index", "method", "setting", "layer"), SUMMARY_LAYERS,
+                       medians=("mmd_p_value_median",))
+    return table.reset_index()
+
+
+def write_invariance_report(records: list[dict[str, Any]], path: Path, command: str) -> Path:
+    """``adult-invariance.md``: per method and layer, how well probes recover sex, and MMD; plain verdicts."""
+    from groupmixnorm.experiments.report import markdown_table, plus_minus
+
+    table = invariance_table(records)
+    shown = pd.DataFrame({
+        "method": table["method"], "setting": [f"`{s}`" for s in table["setting"]], "layer": table["layer"],
+        "seeds": table["seeds"],
+        "probe balanced accuracy": plus_minus(table["probe_balanced_accuracy_mean"], table["probe_balanced_accuracy_std"]),
+        "probe AUC": plus_minus(table["probe_auc_mean"], table["probe_auc_std"]),
+        "MMD^2": plus_minus(table["mmd_mean"], table["mmd_std"]),
+        "MMD p (median)": table["mmd_p_value_median"].map("{:.3f}".format),
+    })
+    outcomes = pd.DataFrame([{"setting_index": r["setting_index"], "ap": r["ap"], "dp_gap": r["dp_gap"]} for r in records])
+    outcomes = outcomes.groupby("setting_index").mean()
+    chance = records[0]["chance_balanced_accuracy"]
+    lines = [
+        "# Does the representation forget the protected attribute? (Adult, sex)", "",
+        f"Generated by `{command}`. The models are the Adult bench's settings named below, trained with the same "
+        "specs (Fair Mixup protocol) and saved; `groupmixnorm analyze` then measures every layer on the test split "
+        "(a stratified subsample): balanced accuracy and AUC of the stronger of two probes (logistic regression, "
+        "MLP with 64 hidden units) trained on half the rows to predict sex and scored on the other half; the "
+        "unbiased MMD^2 between the sexes (RBF kernel, median heuristic) with its permutation p-value. "
+        f"Invariance means a probe at chance: balanced accuracy {chance:.2f}, AUC 0.50. Layers: `hidden_k` is the "
+        "k-th hidden block's output (after its ReLU), `groupmixnorm_k` the k-th GroupMixNorm layer's output, "
+        "`logit` the model's output.", "",
+        "## Where each method stands", "",
+        *_verdicts(table, outcomes, records, chance), "",
+        "## Every layer (mean ± std over seeds)", "",
+        markdown_table(shown), "",
+        "Embeddings (PCA of each layer, seed 0, colored by sex and by label) are in `adult-invariance/<method>-<n>/`.",
+        "", f"Reproduce one model: `{records[0]['train_command']}`, then `groupmixnorm analyze --checkpoint FILE --out DIR`.",
+        "",
+    ]
+    return write_text_atomic(path, "\n".join(lines))
+
+
+def _verdicts(table: pd.DataFrame, outcomes: pd.DataFrame, records: list[dict[str, Any]], chance: float) -> list[str]:
+    """One plain sentence per setting: its most and least revealing layers, against chance."""
+    lines = []
+    whys = {r["setting_index"]: r["why"] for r in records}
+    for index, rows in table.groupby("setting_index", sort=True):
+        first = rows.iloc[0]
+        hidden = rows[rows["layer"] != "logit"]
+        worst = hidden.loc[hidden["probe_balanced_accuracy_mean"].idxmax()] if len(hidden) else first
+        logit = rows[rows["layer"] == "logit"].iloc[0]
+        lines.append(
+            f"- **{first['method']}** (`{first['setting']}`; {whys[index]}; AP {outcomes.loc[index, 'ap']:.3f}, "
+            f"dp_gap {outcomes.loc[index, 'dp_gap']:.3f}): a probe recovers sex from `{worst['layer']}` with balanced "
+            f"accuracy {worst['probe_balanced_accuracy_mean']:.3f} (chance {chance:.2f}); from the logit "
+            f"{logit['probe_balanced_accuracy_mean']:.3f}. {_plainly(worst['probe_balanced_accuracy_mean'], chance)}"
+        )
+    return lines
+
+
+def _plainly(accuracy: float, chance: float) -> str:
+    if accuracy < chance + 0.03:
+        return "Its hidden features are invariant to sex by this measure."
+    if accuracy < chance + 0.10:
+        return "Its hidden features keep a weak trace of sex."
+    return "Its hidden features are not invariant: sex is readily recovered."

@@ -1,0 +1,179 @@
+"""GroupMixNorm for multi-process training: group statistics of the whole distributed batch.
+
+Under ``DistributedDataParallel`` each process sees a slice of the global batch, so a rare group may have
+one or two samples per process, or none. :class:`SyncGroupMixNorm` computes every group's moments over
+all processes, as ``torch.nn.SyncBatchNorm`` does for the batch moments: per-group counts, sums and sums
+of squares travel in one all-reduce per layer call (not one per group), together with the mixing draws of
+rank 0, so every process normalizes with the same statistics and the same mixture. The all-reduce is part
+of the autograd graph, so input gradients are those of one process holding the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from groupmixnorm.nn import functional as F
+from groupmixnorm.nn.modules import _GroupMixNorm
+from groupmixnorm.nn.routing import active_penalty_collector
+
+#: Constructor options of a GroupMixNorm layer, copied by :func:`convert_sync_groupmixnorm`.
+_LAYER_OPTIONS = (
+    "num_groups", "mix", "alpha", "p", "eps", "momentum", "affine", "track_running_stats", "output_scale",
+    "eval_mode", "align_covariance", "align_quantiles",
+)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every copy is the sum of the copies' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # noqa: ANN205
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+class SyncGroupMixNorm(_GroupMixNorm):
+    """GroupMixNorm whose training statistics span every process of a process group.
+
+    Takes ``(N, C, *)`` input (any number of spatial axes) and the options of :class:`GroupMixNorm1d`,
+    plus ``process_group`` (default: the whole world). ``num_groups`` is required: every process must
+    agree on the size of the statistics table even when some groups are missing locally.
+
+    In training, inside an initialized process group of more than one process, the layer gives each
+    process the slice of the output that one ``GroupMixNorm`` layer would give on the concatenated batch:
+    the group moments are those of all processes, and the mixing weights (and, for ``p < 1``, the choice
+    to mix) are rank 0's draws. Seed every process alike (``torch.manual_seed``) so that rank 0 draws what
+    a single process with that seed would. Outside a process group it is an ordinary GroupMixNorm layer;
+    in evaluation it always is (its running statistics are identical on every process).
+
+    Only ``mix="shared"`` is supported: pairwise mixing draws a partner per sample. The variance comes
+    from sums of squares (one collective carries everything), which loses precision when a channel's mean
+    is many orders of magnitude larger than its spread. The alignment penalty, when collected, is
+    computed on each process's own slice, and ``DistributedDataParallel`` averages its gradients.
+
+    Examples::
+
+        >>> model = groupmixnorm.nn.convert_sync_groupmixnorm(model)   # before wrapping in DDP
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    _expected_dims = (2, 3, 4, 5)
+
+    def __init__(self, num_features: int, *, num_groups: int | None = None, process_group: Any = None, **options: Any) -> None:
+        if num_groups is None:
+            raise ValueError("SyncGroupMixNorm needs num_groups: every process must use the same statistics table")
+        if options.get("mix", "shared") != "shared":
+            raise ValueError("SyncGroupMixNorm supports mix='shared' only (pairwise mixing draws a partner per sample)")
+        super().__init__(num_features, num_groups=num_groups, **options)
+        self.process_group = process_group
+
+    def _forward_train(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+        if not self._is_distributed():
+            return super()._forward_train(x, groups, table_size)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision sums over a large batch lose whole units (counts included): work in float32.
+            return self._synchronized_forward(x.float(), groups, table_size).to(x.dtype)
+        return self._synchronized_forward(x, groups, table_size)
+
+    def _synchronized_forward(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+        apply_mix, mixing, moments = self._synchronized_moments(x, groups, table_size)
+        if apply_mix:
+            out, table_mean, table_std = F._group_mix_norm(
+                x, groups, mixing, moments, self.eps, self.output_scale, self.weight, self.bias
+            )
+            mixed = (mixing @ table_mean.detach(), mixing @ table_std.detach())
+        else:
+            out = self._as_single_group(x, moments)
+            mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
+        if self.track_running_stats:
+            detached = F.GroupMoments(*(t.detach() for t in moments))
+            self._update_running_stats(detached, mixed, None, int(moments.counts.sum()))
+        collector = active_penalty_collector()
+        if collector is not None:
+            local = F.group_moments(x, groups, table_size)
+            collector.append(self._alignment(x, groups, local, table_size, collector.condition))
+        return out
+
+    def _is_distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+
+    def _synchronized_moments(self, x: Tensor, groups: Tensor, table_size: int) -> tuple[bool, Tensor, F.GroupMoments]:
+        """One all-reduce of this process's per-group counts, sums and sums of squares, with rank 0's draws.
+
+        The random draws happen on every process (so that generators advance alike) and in the order a
+        single ``GroupMixNorm`` layer makes them; only rank 0's survive the sum.
+        """
+        channels = x.shape[1]
+        mix_here = self.p >= 1.0 or float(torch.rand(())) < self.p
+        gamma = x.new_zeros(table_size)
+        if mix_here:
+            gamma = torch._standard_gamma(torch.full_like(gamma, float(self.alpha)))
+        rows = x.flatten(2).sum(dim=2) if x.dim() > 2 else x
+        squares = x.square().flatten(2).sum(dim=2) if x.dim() > 2 else x.square()
+        sums = x.new_zeros(table_size, channels).index_add(0, groups, rows)
+        square_sums = x.new_zeros(table_size, channels).index_add(0, groups, squares)
+        counts = torch.bincount(groups, minlength=table_size).to(x.dtype) * math.prod(x.shape[2:])
+        is_root = float(dist.get_rank(self.process_group) == 0)
+        draws = torch.cat([gamma, x.new_tensor([float(mix_here)])]) * is_root
+        packed = torch.cat([counts, sums.flatten(), square_sums.flatten(), draws])
+        total = _AllReduceSum.apply(packed, self.process_group)
+        counts, sums, square_sums, draws = total.split([table_size, table_size * channels, table_size * channels, table_size + 1])
+        counts, draws = counts.detach(), draws.detach()
+        moments = _moments_from_sums(counts, sums.view(table_size, channels), square_sums.view(table_size, channels))
+        return bool(draws[-1] > 0.5), _mixing_from_draws(draws[:-1], counts), moments
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", process_group={self.process_group}"
+
+
+def _moments_from_sums(counts: Tensor, sums: Tensor, square_sums: Tensor) -> F.GroupMoments:
+    """Group and batch moments from per-group counts ``(G,)``, sums and sums of squares ``(G, C)``."""
+    inverse = counts.clamp_min(1).reciprocal().unsqueeze(1)
+    mean = sums * inverse
+    var = (square_sums * inverse - mean.square()).clamp_min(0.0)
+    shares = counts / counts.sum()
+    batch_mean = shares @ mean
+    batch_var = shares @ ((mean - batch_mean).square() + var)
+    return F.GroupMoments(counts, mean, var, batch_mean, batch_var)
+
+
+def _mixing_from_draws(gamma: Tensor, counts: Tensor) -> Tensor:
+    """Normalize Gamma draws into Dirichlet weights over the eligible groups (as
+    :func:`groupmixnorm.nn.functional.shared_mixing_weights` does)."""
+    eligible = F.eligible_groups(counts)
+    if not bool(eligible.any()):
+        eligible = counts > 0
+    weights = gamma.clamp_min(torch.finfo(gamma.dtype).tiny) * eligible
+    return weights / weights.sum()
+
+
+def convert_sync_groupmixnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every GroupMixNorm layer in ``module`` by a :class:`SyncGroupMixNorm` with the same options,
+    parameters and running statistics (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does for
+    batch normalization). Returns the converted module; call it before wrapping the model in DDP."""
+    if isinstance(module, _GroupMixNorm) and not isinstance(module, SyncGroupMixNorm):
+        options = {name: getattr(module, name) for name in _LAYER_OPTIONS}
+        floating = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        factory = {"device": floating[0].device, "dtype": floating[0].dtype} if floating else {}
+        if options["num_groups"] is None:
+            raise ValueError(f"cannot synchronize {module!r}: it was built without num_groups")
+        sync = SyncGroupMixNorm(module.num_features, process_group=process_group, **options, **factory)
+        sync.load_state_dict(module.state_dict())
+        sync.train(module.training)
+        return sync
+    for name, child in module.named_children():
+        converted = convert_sync_groupmixnorm(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -1,0 +1,78 @@
+"""Multi-process training: one process per worker under ``torchrun``, each on a slice of every batch.
+
+Every process draws the same global batches (same seed), keeps its own slice of each (every
+``world_size``-th sample, so every group reaches every process), and trains a copy of the model wrapped in
+``DistributedDataParallel``; GroupMixNorm layers become :class:`~groupmixnorm.nn.SyncGroupMixNorm`, so
+group statistics are those of the whole batch. Evaluation runs on every process (the copies are
+identical), and only rank 0 writes results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from groupmixnorm.nn import convert_sync_groupmixnorm
+
+#: Methods whose whole training state is the model, so that DDP keeps the copies identical. An
+#: adversary (adversarial debiasing) would be trained on each process's slice alone.
+DISTRIBUTED_METHODS = ("erm", "gmn", "gapreg", "fairmixup")
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where this process stands: its rank among ``world_size`` processes (``1`` when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports and writes results."""
+        return self.rank == 0
+
+    def shard(self, index: Tensor) -> Tensor:
+        """This process's slice of a global batch of sample indices."""
+        return index[self.rank :: self.world_size] if self.distributed else index
+
+
+def workers_from_environment(device: torch.device) -> Workers:
+    """The process group ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
+    ``MASTER_ADDR``...), joined if not yet (gloo on the CPU, nccl on CUDA); one worker without it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return Workers()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Workers(dist.get_rank(), dist.get_world_size())
+
+
+def check_method(name: str, workers: Workers) -> None:
+    """Refuse, with the reason, a method that multi-process training does not support."""
+    if workers.distributed and name not in DISTRIBUTED_METHODS:
+        raise ValueError(
+            f"multi-process training supports {', '.join(DISTRIBUTED_METHODS)}; {name} keeps training state "
+            "outside the model (or is not trained with torch), which the processes would not share"
+        )
+
+
+def wrap_model(model: nn.Module, workers: Workers) -> nn.Module:
+    """The model to train: as is for one worker; else with synchronized GroupMixNorm layers, in DDP."""
+    if not workers.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(convert_sync_groupmixnorm(model))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (whose state dict and checkpoints carry no ``module.`` prefix)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,166 @@
+"""SyncGroupMixNorm: two gloo processes on loopback against one process holding the whole batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from groupmixnorm.nn import (
+    GroupMixNorm1d, GroupMixNorm2d, SyncGroupMixNorm, collect_alignment, convert_sync_groupmixnorm, use_groups,
+)
+
+WORLD = 2
+
+# Each case: the global batch's shape, its group ids, layer options, and how many training calls to make.
+# In "rare", group 2 has two samples, both on rank 0; in "images", rank 1 holds a single image of group 1.
+CASES = {
+    "rare": dict(shape=(16, 3), groups=[0, 1, 2, 2, 0, 1, 0, 1, 0, 1, 0, 1, 0, 0, 1, 1], options={}, calls=2),
+    "images": dict(shape=(6, 2, 3, 3), groups=[0, 0, 1, 0, 1, 0], options={}, calls=1),
+    "sometimes-mixed": dict(shape=(12, 4), groups=[0, 1] * 6, options={"p": 0.5, "output_scale": "mixed"}, calls=4),
+    "single-group-rank": dict(shape=(8, 2), groups=[0, 0, 0, 0, 1, 1, 1, 1], options={"alpha": 0.3}, calls=2),
+}
+
+
+def _inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(case["shape"], generator=generator, dtype=torch.float64) * 3 + 1
+    weights = torch.randn(case["shape"], generator=generator, dtype=torch.float64)
+    return x, torch.tensor(case["groups"]), weights
+
+
+def _layer(case: dict, sync: bool) -> torch.nn.Module:
+    channels = case["shape"][1]
+    if sync:
+        return SyncGroupMixNorm(channels, num_groups=3, dtype=torch.float64, **case["options"])
+    kind = GroupMixNorm2d if len(case["shape"]) == 4 else GroupMixNorm1d
+    return kind(channels, num_groups=3, dtype=torch.float64, **case["options"])
+
+
+def _run(layer: torch.nn.Module, x: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor, calls: int) -> dict:
+    """Train-mode calls on ``x``; the last call's output and input gradient, and the final running stats."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    torch.manual_seed(0)
+    for _ in range(calls):
+        x_leaf = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        out = layer(x_leaf, groups)
+        (out * weights).sum().backward()
+    return {"out": out.detach(), "grad": x_leaf.grad, "weight_grad": layer.weight.grad.clone(),
+            "bias_grad": layer.bias.grad.clone(), "buffers": {k: v.clone() for k, v in layer.named_buffers()}}
+
+
+def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    return tensor.chunk(WORLD)[rank]
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, case in CASES.items():
+            x, groups, weights = _inputs(case)
+            results[name] = _run(_layer(case, sync=True), _shard(x, rank), _shard(groups, rank), _shard(weights, rank),
+                                 case["calls"])
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("sync")
+    mp.spawn(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_match_one_process_on_the_whole_batch(distributed_results: list[dict], name: str) -> None:
+    case = CASES[name]
+    x, groups, weights = _inputs(case)
+    reference = _run(_layer(case, sync=False), x, groups, weights, case["calls"])
+    for rank, results in enumerate(distributed_results):
+        got = results[name]
+        torch.testing.assert_close(got["out"], _shard(reference["out"], rank), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["grad"], _shard(reference["grad"], rank), atol=1e-5, rtol=1e-5)
+        for key, value in reference["buffers"].items():
+            torch.testing.assert_close(got["buffers"][key], value, atol=1e-5, rtol=1e-5, msg=f"buffer {key}")
+    # Without DDP each process holds its share of the parameter gradient; together they are the whole.
+    for key in ("weight_grad", "bias_grad"):
+        total = sum(results[name][key] for results in distributed_results)
+        torch.testing.assert_close(total, reference[key], atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_process_group_it_is_an_ordinary_layer() -> None:
+    case = CASES["rare"]
+    x, groups, weights = _inputs(case)
+    local = _run(_layer(case, sync=True), x, groups, weights, case["calls"])
+    reference = _run(_layer(case, sync=False), x, groups, weights, case["calls"])
+    torch.testing.assert_close(local["out"], reference["out"])
+    torch.testing.assert_close(local["grad"], reference["grad"])
+
+
+def test_convert_keeps_options_parameters_and_statistics() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), GroupMixNorm1d(3, num_groups=2, alpha=0.5, align_quantiles=8),
+                                torch.nn.Sequential(torch.nn.ReLU(), GroupMixNorm1d(3, num_groups=2, p=0.3)))
+    x, groups = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    with use_groups(groups):
+        model(x)
+    model.eval()
+    before = model(x)
+    converted = convert_sync_groupmixnorm(model)
+    layers = [m for m in converted.modules() if isinstance(m, SyncGroupMixNorm)]
+    assert len(layers) == 2 and not converted.training
+    assert (layers[0].alpha, layers[0].align_quantiles, layers[1].p) == (0.5, 8, 0.3)
+    torch.testing.assert_close(converted(x), before)
+
+
+def test_needs_num_groups_and_shared_mixing() -> None:
+    with pytest.raises(ValueError, match="num_groups"):
+        SyncGroupMixNorm(3)
+    with pytest.raises(ValueError, match="shared"):
+        SyncGroupMixNorm(3, num_groups=2, mix="pairwise")
+    with pytest.raises(ValueError, match="num_groups"):
+        convert_sync_groupmixnorm(torch.nn.Sequential(GroupMixNorm1d(3)))
+
+
+def test_alignment_is_collected_outside_a_process_group() -> None:
+    layer = SyncGroupMixNorm(2, num_groups=2)
+    x = torch.randn(30, 2)
+    groups = (torch.arange(30) % 2)
+    x[groups == 1] += 2.0
+    with collect_alignment() as penalties:
+        layer(x, groups)
+    assert len(penalties) == 1 and penalties[0].item() > 0.5
+
+
+@pytest.mark.slow
+def test_torchrun_training_matches_one_process(tmp_path: Path) -> None:
+    """`torchrun -m groupmixnorm train` on 2 processes gives the single-process run's numbers (the paper's layer
+    in every hidden block, so the synchronized statistics decide the result); only rank 0 writes."""
+    import json
+    import subprocess
+    import sys
+
+    train = ["train", "--dataset", "adult", "--method", "gmn", "--placement", "all", "--align", "0", "--epochs", "1",
+             "--iterations", "6", "--batch-size", "128", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "groupmixnorm",
+         *train, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "groupmixnorm", *train, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    got, expected = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
+    for key in ("accuracy", "ap", "dp_gap", "eodds_gap"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-4), key
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json"]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _set_threads(args)
         return args.handler(args)
-    except (UsageError, ValueError, FileNotFoundError) as error:
+    except (UsageError, ValueError, OSError) as error:
         if args.debug:
             raise
-        print(f"groupmixnorm {args.command}: error: {error}", file=sys.stderr)
+        print(f"groupmixnorm {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - a bug of ours: one line here, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"groupmixnorm {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (an exception's text may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2), like the other errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(ValueError(message))} (see {self.prog} --help)\n")
 
 
 #: Datasets and benches of images, which keep torch's default thread count.
@@ -88,7 +106,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="groupmixnorm",
         description="Train and measure fair models with the GroupMixNorm layer.",
     )

@@ -148,6 +148,11 @@ class _GroupMixNorm(nn.Module):
         return self._forward_eval_population(x, groups)
 
     def _forward_train(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision sums over a batch lose whole units (counts too), and the CPU's random draws need
+            # float32: compute in float32 and return the input's dtype.
+            return self._forward_train(x.float(), groups, table_size).to(x.dtype)
+        weight, bias = _cast(self.weight, x.dtype), _cast(self.bias, x.dtype)
         values_per_sample = math.prod(x.shape[2:])
         total = x.shape[0] * values_per_sample  # every sample is in some group, so this is counts.sum()
         if total < 2:
@@ -159,19 +164,21 @@ class _GroupMixNorm(nn.Module):
             # The fast path: one fused autograd function computes the moments, the output and its gradient.
             all_eligible = F._all_eligible(counts)
             mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
-            sink: list | None = [] if self.track_running_stats else None
+            sink: list = []
             out, moments = F._shared_mix_norm(
-                x, segments, counts, mixing, self.eps, self.output_scale, self.weight, self.bias, all_eligible,
+                x, segments, counts, mixing, self.eps, self.output_scale, weight, bias, all_eligible,
                 with_moments=collector is not None, sink=sink,
             )
-            if sink:
+            self._check_finite(sink[0].moments, x)
+            if self.track_running_stats:
                 self._update_running_stats(sink[0].moments, (sink[0].mixed_mean, sink[0].mixed_std), all_eligible, total)
         else:
             moments = F.group_moments(x, groups, table_size, counts=counts, segments=segments)
+            self._check_finite(moments, x)
             if apply_mix:
                 mixing = F.pairwise_mixing_weights(counts, groups, self.alpha)
                 out, table_mean, table_std = F._group_mix_norm(
-                    x, groups, mixing, moments, self.eps, self.output_scale, self.weight, self.bias, segments
+                    x, groups, mixing, moments, self.eps, self.output_scale, weight, bias, segments
                 )
                 average = mixing.mean(dim=0).detach()
                 mixed = (average @ table_mean.detach(), average @ table_std.detach())
@@ -183,6 +190,21 @@ class _GroupMixNorm(nn.Module):
         if collector is not None:
             collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
         return out
+
+    def _check_finite(self, moments: F.GroupMoments, x: Tensor) -> None:
+        """Refuse a batch whose statistics are not finite, before they reach the running statistics.
+
+        Any NaN or infinity in ``x`` reaches the batch mean, so checking ``(C,)`` numbers catches it without
+        another pass over the batch; so does a variance that overflows ``x``'s dtype.
+        """
+        summary = moments.batch_mean.detach() + moments.batch_var.detach()
+        if math.isfinite(float(summary.sum(dtype=torch.float64))):  # three small ops on the common path
+            return
+        channels = torch.nonzero(~torch.isfinite(summary)).flatten()[:5].tolist()
+        raise ValueError(
+            f"{type(self).__name__} got non-finite values in training: channel(s) {channels} have a NaN or "
+            f"infinite mean or variance (NaN or inf in the input, or values whose squares overflow {x.dtype})"
+        )
 
     def _alignment(
         self, x: Tensor, groups: Tensor, moments: F.GroupMoments, table_size: int, condition: Tensor | None
@@ -204,9 +226,10 @@ class _GroupMixNorm(nn.Module):
 
     def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
         """The layer as if the batch held one group: batch norm (``output_scale="batch"``), else identity."""
+        weight, bias = _cast(self.weight, x.dtype), _cast(self.bias, x.dtype)
         if self.output_scale == "batch":
-            return F.batch_norm_train(x, moments, eps=self.eps, weight=self.weight, bias=self.bias)
-        return F.apply_affine(x, self.weight, self.bias)
+            return F.batch_norm_train(x, moments, eps=self.eps, weight=weight, bias=bias)
+        return F.apply_affine(x, weight, bias)
 
     def _forward_eval_population(self, x: Tensor, groups: Tensor | None) -> Tensor:
         if not self.track_running_stats:
@@ -267,11 +290,13 @@ class _GroupMixNorm(nn.Module):
         ``mixed`` is the batch's (average) mixed mean and standard deviation, ``total`` the number of values
         per channel (``moments.counts.sum()``) if known.
         """
-        self.num_batches_tracked.add_(1)
-        factor = self._momentum_factor()
         if total is None:
             total = moments.counts.sum()
         unbiased_batch_var = moments.batch_var * (total / (total - 1))
+        if self.running_var.dtype != unbiased_batch_var.dtype:
+            self._check_storable(torch.cat([unbiased_batch_var, moments.var.flatten() * 2]))
+        self.num_batches_tracked.add_(1)
+        factor = self._momentum_factor()
         _lerp(
             [self.running_mean, self.running_var, self.running_mix_mean, self.running_mix_std],
             [moments.batch_mean, unbiased_batch_var, *mixed],
@@ -279,6 +304,20 @@ class _GroupMixNorm(nn.Module):
         )
         if self.num_groups is not None:
             self._update_group_stats(moments, all_eligible)
+
+    def _check_storable(self, variances: Tensor) -> None:
+        """Refuse variances that the running buffers' (half-precision) dtype cannot hold, before any update.
+
+        Group variances are checked at twice their size, which bounds their unbiased versions for any
+        group of two or more values."""
+        dtype = self.running_var.dtype
+        if bool(torch.isfinite(variances.to(dtype)).all()):
+            return
+        raise ValueError(
+            f"{type(self).__name__} keeps its running statistics in {dtype}, which cannot hold this batch's variance "
+            f"({float(variances.max()):.3g}); keep the layer in float32 (as mixed-precision training does with "
+            "normalization layers) or scale the input down"
+        )
 
     def _update_group_stats(self, moments: F.GroupMoments, all_eligible: bool | None = None) -> None:
         counts = moments.counts
@@ -349,6 +388,11 @@ class _GroupMixNorm(nn.Module):
                 f"group id {largest} is out of range for num_groups={self.num_groups} (valid ids are 0..{self.num_groups - 1})"
             )
         return groups, self.num_groups if self.num_groups is not None else largest + 1
+
+
+def _cast(parameter: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``parameter`` in ``dtype`` (a differentiable cast), or as is."""
+    return parameter if parameter is None or parameter.dtype == dtype else parameter.to(dtype)
 
 
 def _lerp(buffers: list[Tensor], values: list[Tensor], weight: Tensor | float) -> None:

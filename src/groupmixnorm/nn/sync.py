@@ -43,6 +43,44 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad, ctx.group), None
 
 
+class _AllGather(torch.autograd.Function):
+    """Concatenate every process's rows (row counts may differ); the gradient of each process's slice is
+    the sum over processes of the gradients of their copies."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # noqa: ANN205
+        sizes = _row_counts(tensor, group)
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
+        return _gather_rows(tensor, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        total = grad.contiguous()
+        dist.all_reduce(total, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return total[start : start + ctx.sizes[ctx.rank]], None
+
+
+def _row_counts(tensor: Tensor, group: Any) -> list[int]:
+    counts = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor(tensor.shape[0], device=tensor.device), group=group)
+    return [int(count) for count in counts]
+
+
+def _gather_rows(tensor: Tensor, sizes: list[int], group: Any) -> Tensor:
+    """``all_gather`` of tensors whose first dimension differs between processes (padded, then trimmed)."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _gather_plain(tensor: Tensor, group: Any) -> Tensor:
+    """Every process's rows of a tensor outside the graph (group ids, labels)."""
+    return _gather_rows(tensor, _row_counts(tensor, group), group)
+
+
 class SyncGroupMixNorm(_GroupMixNorm):
     """GroupMixNorm whose training statistics span every process of a process group.
 
@@ -59,8 +97,9 @@ class SyncGroupMixNorm(_GroupMixNorm):
 
     Only ``mix="shared"`` is supported: pairwise mixing draws a partner per sample. The variance comes
     from sums of squares (one collective carries everything), which loses precision when a channel's mean
-    is many orders of magnitude larger than its spread. The alignment penalty, when collected, is
-    computed on each process's own slice, and ``DistributedDataParallel`` averages its gradients.
+    is many orders of magnitude larger than its spread. The alignment penalty, when collected, is that of
+    the whole distributed batch (its inputs are gathered: quantiles need every value); every process
+    holds the same penalty, and DDP's averaged gradients are those of one penalty.
 
     Examples::
 
@@ -88,6 +127,7 @@ class SyncGroupMixNorm(_GroupMixNorm):
 
     def _synchronized_forward(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
         apply_mix, mixing, moments = self._synchronized_moments(x, groups, table_size)
+        self._check_finite(moments, x)  # the moments are summed over all processes, so every one raises alike
         if apply_mix:
             out, table_mean, table_std = F._group_mix_norm(
                 x, groups, mixing, moments, self.eps, self.output_scale, self.weight, self.bias
@@ -101,9 +141,21 @@ class SyncGroupMixNorm(_GroupMixNorm):
             self._update_running_stats(detached, mixed, None, int(moments.counts.sum()))
         collector = active_penalty_collector()
         if collector is not None:
-            local = F.group_moments(x, groups, table_size)
-            collector.append(self._alignment(x, groups, local, table_size, collector.condition))
+            collector.append(self._global_alignment(x, groups, table_size, collector.condition))
         return out
+
+    def _global_alignment(self, x: Tensor, groups: Tensor, table_size: int, condition: Tensor | None) -> Tensor:
+        """The alignment penalty of the whole distributed batch, the same number on every process.
+
+        The inputs are gathered (quantiles need every value, not only sums); the gather's backward sums
+        the gradients of all processes' copies, so that DDP's average over processes gives the gradient of
+        one penalty, as it does for the mean loss.
+        """
+        everything = _AllGather.apply(x, self.process_group)
+        all_groups = _gather_plain(groups, self.process_group)
+        all_condition = None if condition is None else _gather_plain(condition.to(x.device), self.process_group)
+        moments = F.group_moments(everything, all_groups, table_size)
+        return self._alignment(everything, all_groups, moments, table_size, all_condition)
 
     def _is_distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1

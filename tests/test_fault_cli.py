@@ -54,6 +54,12 @@ CASES = {
     "report: missing source": (["report", "{dir}/nothing-here", "--out", "{out}/r.html"], "nothing-here"),
     "bench: no seeds": (["bench", "adult", "--seeds", "0"], "--seeds must be at least 1"),
     "bench: methods on a bench without them": (["bench", "adult-debias", "--methods", "erm"], "--methods applies"),
+    "bench: celeba folder that does not exist": (  # refused before the progress bar starts, not under it
+        ["bench", "celeba", "--data-dir", "{dir}/nowhere", "--records-dir", "{dir}/records", "--results-dir",
+         "{dir}/results"], "nowhere has no img_align_celeba"),
+    "no batch per epoch": (["train", "--iterations", "0", "--out", "{out}"], "iterations must be at least 1"),
+    "no command": ([], "a command is required"),
+    "alpha beyond float32": (["train", "--method", "gmn", "--alpha", "inf", "--out", "{out}"], "alpha must be > 0"),
 }
 
 
@@ -78,6 +84,19 @@ def test_debug_shows_the_traceback(files: dict) -> None:
     with pytest.raises(Exception, match="corrupt.pt"):
         main(["predict", "--debug", "--checkpoint", str(files["corrupt"]), "--csv", str(files["empty"]),
               "--out", str(files["out"] / "p.csv")])
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from groupmixnorm import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_train", interrupted)
+    assert main(["train", "--out", "unused"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["groupmixnorm train: interrupted"]
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--debug", "--out", "unused"])
 
 
 def test_a_real_process_prints_one_line_and_exits_2(files: dict) -> None:

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
+        print("groupmixnorm: error: a command is required (see the list above)", file=sys.stderr)
         return 2
     try:
         _set_threads(args)
@@ -63,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"groupmixnorm {args.command}: internal error: {type(error).__name__}: {_one_line(error)} "
               "(run again with --debug for the traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, not a traceback
+        if args.debug:
+            raise
+        print(f"groupmixnorm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _one_line(error: BaseException) -> str:
@@ -715,6 +721,9 @@ def _bench_data_options(args: argparse.Namespace) -> dict[str, Any]:
         flags = ", ".join("--" + name.replace("_", "-") for name in options)
         raise UsageError(f"{flags} applies to the celeba bench, not {args.name}")
     if "data_dir" in options:
+        from groupmixnorm.data.celeba import _checked_folder
+
+        _checked_folder(options["data_dir"])  # a wrong folder is one line now, not an error under a progress bar
         options["data_dir"] = str(options["data_dir"])
     return options
 

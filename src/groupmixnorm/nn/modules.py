@@ -138,6 +138,10 @@ class _GroupMixNorm(nn.Module):
                 )
             groups, table_size = self._checked_groups(groups, x)
             return self._forward_train(x, groups, table_size)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # As in training: float32 inside, the input's dtype out. In half precision the map
+            # x * (1 / std) - mean / std overflows once |mean| / std does, even where the output is small.
+            return self.forward(x.float(), groups).to(x.dtype)
         if self.eval_mode == "group":
             if groups is None:
                 raise ValueError(
@@ -234,8 +238,8 @@ class _GroupMixNorm(nn.Module):
     def _forward_eval_population(self, x: Tensor, groups: Tensor | None) -> Tensor:
         if not self.track_running_stats:
             return self._forward_without_running_stats(x, groups)
-        std = torch.sqrt(self.running_var + self.eps)
-        return self._normalize_eval(x, self.running_mean, std)
+        mean, var = _in_dtype(x.dtype, self.running_mean, self.running_var)
+        return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
 
     def _forward_eval_group(self, x: Tensor, groups: Tensor) -> Tensor:
         if not self.track_running_stats:
@@ -243,17 +247,20 @@ class _GroupMixNorm(nn.Module):
         if self.num_groups is None:
             raise ValueError("eval_mode='group' needs num_groups to keep per-group running statistics")
         seen = (self.group_batches_tracked[groups] > 0).unsqueeze(1)
-        mean = torch.where(seen, F.gather_rows(self.running_group_mean, groups), self.running_mean)
-        var = torch.where(seen, F.gather_rows(self.running_group_var, groups), self.running_var)
+        group_mean, group_var, mean, var = _in_dtype(
+            x.dtype, self.running_group_mean, self.running_group_var, self.running_mean, self.running_var)
+        mean = torch.where(seen, F.gather_rows(group_mean, groups), mean)
+        var = torch.where(seen, F.gather_rows(group_var, groups), var)
         return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
 
     def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        running_mean, running_var, mix_mean, mix_std, weight, bias = _in_dtype(
+            x.dtype, self.running_mean, self.running_var, self.running_mix_mean, self.running_mix_std, self.weight,
+            self.bias)
         reference = {}
         if self.output_scale == "batch":
-            reference = {"reference_mean": self.running_mean, "reference_std": torch.sqrt(self.running_var + self.eps)}
-        return F.normalize_with(
-            x, mean, std, self.running_mix_mean, self.running_mix_std, weight=self.weight, bias=self.bias, **reference
-        )
+            reference = {"reference_mean": running_mean, "reference_std": torch.sqrt(running_var + self.eps)}
+        return F.normalize_with(x, mean, std, mix_mean, mix_std, weight=weight, bias=bias, **reference)
 
     def _forward_without_running_stats(self, x: Tensor, groups: Tensor | None) -> Tensor:
         """Evaluation without running statistics uses the batch, like ``BatchNorm`` does.
@@ -271,8 +278,8 @@ class _GroupMixNorm(nn.Module):
             eligible = moments.counts > 0
         mixing = eligible.to(x.dtype) / eligible.sum()
         return F.group_mix_norm(
-            x, groups, mixing, num_groups=table_size, weight=self.weight, bias=self.bias, eps=self.eps,
-            output_scale=self.output_scale, moments=moments,
+            x, groups, mixing, num_groups=table_size, weight=_cast(self.weight, x.dtype),
+            bias=_cast(self.bias, x.dtype), eps=self.eps, output_scale=self.output_scale, moments=moments,
         )
 
     # -------------------------------------------------------------------------------- running statistics
@@ -395,6 +402,14 @@ def _cast(parameter: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return parameter if parameter is None or parameter.dtype == dtype else parameter.to(dtype)
 
 
+def _in_dtype(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` (buffers first, then parameters) in ``dtype``: float32 when a half-precision layer
+    evaluates (see ``forward``); as they are, with one comparison, in the common case."""
+    if tensors[0].dtype == dtype:
+        return tensors
+    return tuple(_cast(t, dtype) for t in tensors)
+
+
 def _lerp(buffers: list[Tensor], values: list[Tensor], weight: Tensor | float) -> None:
     """``buffer.lerp_(value, weight)`` for each pair, casting values (and a tensor weight) to the buffer's dtype."""
     values = [v.to(b.dtype) if v.dtype != b.dtype else v for b, v in zip(buffers, values)]
@@ -451,6 +466,13 @@ class GroupMixNorm1d(_GroupMixNorm):
     normalized with the batch statistics and takes no weight; a batch with one group is batch
     normalization (or the identity with ``output_scale="mixed"``).
 
+    Numerics: float16 and bfloat16 input is computed in float32 (statistics, mixing and, in evaluation, the
+    normalization map) and returned in its own dtype. A NaN or infinity in a training batch, or values whose
+    squares overflow, raise a ``ValueError`` before the running statistics change (the check reads the
+    ``(C,)`` batch statistics, not the batch); so does a variance that float16 running statistics cannot
+    hold. Gradients come back in the input's dtype: a float16 gradient beyond its range is ``inf``, as for
+    any float16 operation, and ``torch.amp.GradScaler`` skips that step.
+
     Shape:
         - Input: ``(N, C)`` or ``(N, C, L)``; groups: ``(N,)`` integer ids.
         - Output: same shape as the input.
@@ -494,12 +516,12 @@ def _check_options(
         raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
     if mix not in _MIX_MODES:
         raise ValueError(f"mix must be one of {_MIX_MODES}, got {mix!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not 0 < alpha <= torch.finfo(torch.float32).max:  # the draws are made in float32 (or float64)
+        raise ValueError(f"alpha must be > 0 and at most float32's largest value (3.4e38), got {alpha!r}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
     if momentum is not None and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
     if output_scale not in _OUTPUT_SCALES:

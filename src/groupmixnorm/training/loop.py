@@ -62,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1 (or None for full passes), got {self.iterations}")
         if self.select not in SELECTION_RULES:
             raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
         if self.sampling not in SAMPLING_CHOICES:

@@ -87,12 +87,10 @@ def test_debug_shows_the_traceback(files: dict) -> None:
 
 
 def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from groupmixnorm import cli
-
     def interrupted(args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run_train", interrupted)
+    monkeypatch.setattr("groupmixnorm.cli.train._run_train", interrupted)
     assert main(["train", "--out", "unused"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["groupmixnorm train: interrupted"]
     with pytest.raises(KeyboardInterrupt):

@@ -70,7 +70,7 @@ def test_record_command_reparses_to_the_same_spec(erm_run) -> None:
 def test_format_summary_shows_metrics_and_groups(erm_run) -> None:
     _, record = erm_run
     text = cli.format_summary(record)
-    assert "erm (default), seed 0, selected epoch 0" in text
+    assert "erm (default), seed 0, selected epoch 1 of 1," in text
     assert "Female" in text and "Male" in text
     assert f"{record['ap']:.4f}" in text
 
@@ -183,7 +183,7 @@ def test_module_entry_point_help() -> None:
 
 def test_bench_rejects_methods_for_a_bench_without_method_sweeps(capsys):
     assert cli.main(["bench", "adult-unseen", "--methods", "gmn"]) == 2
-    assert "--methods applies to the adult, celeba and colored-digits benches" in capsys.readouterr().err
+    assert "--methods applies to the adult, celeba, colored-digits and tabular benches" in capsys.readouterr().err
 
 
 def test_threads_default_to_one_for_tabular_data_and_follow_the_flag(tmp_path, capsys) -> None:

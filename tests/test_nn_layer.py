@@ -424,14 +424,21 @@ def test_fused_gradients_match_a_plain_autograd_reference(
     for got, expected in zip(grads, expected_grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    # The public entry point, the same through finite differences.
-    def public(*inputs):
-        named = dict(zip(("x", "weight", "bias", "mixing"), [t for t in (x, weight, bias, mixing)]))
-        named.update({k: v for k, v in zip([k for k, t in named.items() if t is not None], inputs)})
-        return F.group_mix_norm(named["x"], groups, named["mixing"], num_groups=num_groups, weight=named["weight"],
-                                bias=named["bias"], output_scale=output_scale)
+    # The public reference and the fused entry point, the same through finite differences; the reference
+    # also equals the plain formulation of this test, and its gradient is differentiable again.
+    def entry(function):
+        def call(*inputs):
+            named = dict(zip(("x", "weight", "bias", "mixing"), [t for t in (x, weight, bias, mixing)]))
+            named.update({k: v for k, v in zip([k for k, t in named.items() if t is not None], inputs)})
+            return function(named["x"], groups, named["mixing"], num_groups=num_groups, weight=named["weight"],
+                            bias=named["bias"], output_scale=output_scale)
+        return call
 
-    assert torch.autograd.gradcheck(public, tuple(leaves))
+    assert torch.autograd.gradcheck(entry(F.fused_group_mix_norm), tuple(leaves))
+    if not large_input_paths:  # the reference has no such paths: once is enough
+        torch.testing.assert_close(entry(F.group_mix_norm)(*leaves), expected_y, atol=1e-10, rtol=1e-10)
+        assert torch.autograd.gradcheck(entry(F.group_mix_norm), tuple(leaves))
+        assert torch.autograd.gradgradcheck(entry(F.group_mix_norm), tuple(leaves))
 
 
 @pytest.mark.parametrize("large_input_paths", [False, True])
@@ -448,7 +455,7 @@ def test_fused_path_handles_strided_inputs_and_broadcast_gradients(large_input_p
     weight = torch.rand(5, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
     bias = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
     x = base.t()  # (11, 5), not contiguous
-    y = F.group_mix_norm(x, groups, mixing, num_groups=3, weight=weight, bias=bias)
+    y = F.fused_group_mix_norm(x, groups, mixing, num_groups=3, weight=weight, bias=bias)
     expected, _ = _reference_layer(x, groups, mixing, 3, weight, bias, 1e-5, "batch")
     torch.testing.assert_close(y, expected, atol=1e-10, rtol=1e-10)
     weights = torch.linspace(-1, 1, 55, dtype=torch.float64).reshape(11, 5)
@@ -458,7 +465,7 @@ def test_fused_path_handles_strided_inputs_and_broadcast_gradients(large_input_p
         for got, want in zip(grads, expected_grads):
             torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
     # The expanded upstream gradient of a plain sum.
-    (grad,) = torch.autograd.grad(F.group_mix_norm(x, groups, mixing, num_groups=3).sum(), base)
+    (grad,) = torch.autograd.grad(F.fused_group_mix_norm(x, groups, mixing, num_groups=3).sum(), base)
     (want,) = torch.autograd.grad(_reference_layer(x, groups, mixing, 3, None, None, 1e-5, "batch")[0].sum(), base)
     torch.testing.assert_close(grad, want, atol=1e-8, rtol=1e-8)
 

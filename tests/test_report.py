@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,18 +26,24 @@ def run_folder(saved_run):
     return saved_run("gmn", epochs=1, hidden=16)
 
 
-@pytest.fixture(scope="module")
-def bench_folder(tmp_path_factory):
-    """A bench results folder with runs.csv only (no PNGs, so the report draws the fronts itself)."""
-    folder = tmp_path_factory.mktemp("bench") / "toy"
+def _toy_bench(folder, dataset="adult", sensitive="sex"):
+    """A bench results folder with runs.csv only (no PNGs, so the report draws the fronts itself), whose runs
+    trained on ``dataset`` with the protected attribute ``sensitive`` (as their commands say)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
     rows = [{"method": method, "setting": f"lam={lam}", "seed": seed, "accuracy": 0.8,
              "ap": 0.75 - lam / 20 + rng.normal(0, 0.005), "dp_gap": 0.2 / (1 + lam) + rng.normal(0, 0.005), "eodds_gap": 0.15 / (1 + lam), "dp_gap_hard": 0.1,
-             "eodds_gap_hard": 0.1, "eopp_gap": 0.1, "eopp_gap_hard": 0.1, "epoch_seconds": 0.1, "command": "c"}
+             "eodds_gap_hard": 0.1, "eopp_gap": 0.1, "eopp_gap_hard": 0.1, "epoch_seconds": 0.1,
+             "command": f"groupmixnorm train --dataset {dataset} --sensitive {sensitive} --method {method} --seed {seed} "
+                        "--out OUT"}
             for method in ("erm", "gmn") for lam in (0, 1, 3) for seed in (0, 1)]
     pd.DataFrame(rows).to_csv(folder / "runs.csv", index=False)
     return folder
+
+
+@pytest.fixture(scope="module")
+def bench_folder(tmp_path_factory):
+    return _toy_bench(tmp_path_factory.mktemp("bench") / "toy")
 
 
 class _Cells(HTMLParser):
@@ -131,6 +138,44 @@ def test_report_errors_are_one_line(make, message, tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and message in error
     assert not (tmp_path / "r.html").exists()
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+@pytest.mark.parametrize("bench, message", [
+    (RESULTS / "colored-digits", "trained on colored-digits (protected attribute color)"),
+    ("race", "trained on adult (protected attribute race)"),
+    ("german", "trained on csv (protected attribute sex)"),
+    ("mixed", "do not name one data set"),
+])
+def test_a_bench_of_other_data_is_refused(bench, message, run_folder, tmp_path, capsys):
+    if bench == "race":
+        bench = _toy_bench(tmp_path / "race", sensitive="race")
+    elif bench == "german":
+        bench = _toy_bench(tmp_path / "german", dataset="csv")
+    elif bench == "mixed":
+        bench = _toy_bench(tmp_path / "mixed")
+        runs = pd.read_csv(bench / "runs.csv")
+        runs.loc[0, "command"] = "groupmixnorm train --dataset colored-digits --sensitive color --out OUT"
+        runs.to_csv(bench / "runs.csv", index=False)
+    for source in (run_folder, run_folder / "model.pt"):  # the record's and the checkpoint's data alike
+        code = cli.main(["report", str(source), "--out", str(tmp_path / "r.html"), "--bench", str(bench)])
+        error = capsys.readouterr().err
+        assert code == 2 and error.count("\n") == 1 and message in error
+        assert "the run on adult (protected attribute sex)" in error or "do not name" in error
+        assert not (tmp_path / "r.html").exists()
+
+
+def test_the_committed_adult_bench_goes_with_an_adult_run(run_folder):
+    text = build_report(run_folder, bench=RESULTS / "adult")
+    assert "Trade-off: bench adult" in text
+
+
+def test_a_bench_folder_report_refuses_a_second_bench(bench_folder, tmp_path, capsys):
+    code = cli.main(["report", str(bench_folder), "--out", str(tmp_path / "r.html"), "--bench", str(bench_folder)])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "--bench" in error
 
 
 def _browser() -> str:

@@ -90,7 +90,7 @@ class DivergesAt(ERM):
 
 def test_a_diverged_loss_names_epoch_and_batch_and_keeps_the_last_good_state(adult, tmp_path: Path) -> None:
     point = ResumePoint(tmp_path / "state.pt", {"run": "nan"})
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 3"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 3, batch 4"):  # (2, 3) counted from 0
         train(DivergesAt(), adult, CONFIG, resume=point)
     state = torch.load(point.path, weights_only=False)
     assert state["epoch"] == 1 and len(state["history"]) == 2
@@ -103,7 +103,7 @@ def test_cli_reports_divergence_in_one_line(monkeypatch, tmp_path: Path, capsys)
                  "--batch-size", "64", "--hidden", "16", "--quiet", "--out", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1
-    assert "epoch 2, batch 3" in error[0] and STATE_FILE in error[0]
+    assert "epoch 3, batch 4" in error[0] and STATE_FILE in error[0]
     assert (tmp_path / STATE_FILE).exists() and not (tmp_path / "metrics.json").exists()
 
 

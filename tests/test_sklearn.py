@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sklearn
+import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
@@ -188,3 +189,34 @@ def test_sensitive_features_of_the_wrong_length_or_with_gaps_are_refused():
         GroupMixNormClassifier(epochs=1).fit(X, y, sensitive_features=a[:-1])
     with pytest.raises(ValueError, match="missing values"):
         GroupMixNormClassifier(epochs=1).fit(X, y, sensitive_features=pd.Series(a).where(a == "M"))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fit_trains_on_the_thread_count_it_is_given_and_restores_torch_s(monkeypatch, threads):
+    """The command line's policy for tables (one thread unless told otherwise), not torch's default."""
+    import groupmixnorm.sklearn as module
+
+    seen = []
+    original = module._train_network
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_train_network", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        X, y, a = biased()
+        options = {} if threads == 1 else {"threads": threads}
+        GroupMixNormClassifier("erm", epochs=1, random_state=0, **options).fit(X, y, sensitive_features=a)
+        assert seen == [threads]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_thread_count_below_one_is_refused():
+    X, y, a = biased()
+    with pytest.raises(ValueError, match="threads must be a whole number of at least 1"):
+        GroupMixNormClassifier("erm", epochs=1, threads=0).fit(X, y, sensitive_features=a)

@@ -233,28 +233,70 @@ def test_a_ddp_training_step_has_the_single_process_gradients(tmp_path: Path, op
         torch.testing.assert_close(distributed[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
 @pytest.mark.slow
 def test_torchrun_training_matches_one_process(tmp_path: Path) -> None:
-    """`torchrun -m groupmixnorm train` on 2 processes gives the single-process run's numbers with the paper's
-    layer in every hidden block; only rank 0 writes. (With the default, the logit layer, the bias of the
-    output layer has a gradient that is zero in exact arithmetic, so Adam turns rounding differences into
-    steps of size lr and the runs drift apart; the test above checks that case's gradients instead.)"""
+    """`torchrun -m groupmixnorm train` on 2 processes is the single-process run up to rounding, with the
+    paper's layer in every hidden block; only rank 0 writes.
+
+    What is guaranteed is the same computation in another summation order: the same batches, mixing draws
+    and loss scaling, with float32 sums over half-batches (and one-pass moments) instead of whole ones. So the
+    weights are compared with how far training moved them: a wrong batch, draw or scale changes every Adam
+    step by O(lr), which makes the difference a sizeable part of the movement, while rounding leaves it
+    orders of magnitude below (under 1e-4 of it here). The decisions are then compared by what the score
+    differences allow: a row can change its decision only if its score lies within the largest score
+    difference of the threshold.
+
+    This needs every parameter's gradient to be nonzero where it is nonzero in exact arithmetic: Adam divides
+    a gradient by its own size, so one that is zero but for rounding becomes a step of size lr in a random
+    direction. The model builder leaves out the bias of a layer just before a normalization layer for that
+    reason. The default placement (one layer on the logit) cannot be checked this way: the logit layer
+    removes each group's shift of the logit, so a hidden unit active on every sample has a bias gradient
+    that is zero in exact arithmetic; there the test of one training step above checks the gradients.
+    """
     import json
     import subprocess
     import sys
 
+    from groupmixnorm.experiments.spec import load_run_data
+    from groupmixnorm.methods.base import ModelSpec
+    from groupmixnorm.training.checkpoint import load_checkpoint
+    from groupmixnorm.training.loop import seed_everything
+
     train = ["train", "--dataset", "adult", "--method", "gmn", "--placement", "all", "--align", "0", "--epochs", "1",
              "--iterations", "6", "--batch-size", "128", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "groupmixnorm",
-         *train, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "groupmixnorm", *train, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    got, expected = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
-    for key in ("accuracy", "ap", "dp_gap", "eodds_gap"):
-        assert got[key] == pytest.approx(expected[key], abs=1e-4), key
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json"]
+    runs = {
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "groupmixnorm"],
+        "one": [sys.executable, "-m", "groupmixnorm"],
+    }
+    for name, command in runs.items():
+        out = tmp_path / name
+        done = subprocess.run([*command, *train, "--out", str(out), "--save", str(out / "model.pt")],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json", "model.pt"]
+
+    one, two = (load_checkpoint(tmp_path / name / "model.pt") for name in ("one", "two"))
+    seed_everything(0)  # the run's seed: the weights the loop starts from
+    spec = ModelSpec(one.model[0].in_features, len(one.group_names), tuple(one.spec["config"]["hidden"]))
+    start = _parameters(one.method.build_model(spec))
+    trained_one, trained_two = _parameters(one.model), _parameters(two.model)
+    for name, start_value in start.items():
+        moved = (trained_one[name] - start_value).norm()
+        assert moved > 0, name
+        assert (trained_two[name] - trained_one[name]).norm() <= 1e-2 * moved, name
+
+    data = load_run_data(one.spec)
+    x = torch.as_tensor(data.test.X, dtype=torch.float32)
+    with torch.no_grad():
+        scores_one, scores_two = (torch.sigmoid(model.model(x).squeeze(-1)).double() for model in (one, two))
+    largest = float((scores_one - scores_two).abs().max())
+    may_flip = float(((scores_one - 0.5).abs() <= largest).double().mean())
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
+    assert abs(metrics["two"]["accuracy"] - metrics["one"]["accuracy"]) <= may_flip
+    assert [row["train_bce"] for row in metrics["two"]["history"]] == pytest.approx(
+        [row["train_bce"] for row in metrics["one"]["history"]], rel=1e-3)  # whole batches' losses, not rank 0's

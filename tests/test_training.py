@@ -156,7 +156,7 @@ class _NaNAfter(ERM):
 def test_nan_loss_raises_training_diverged_naming_epoch_and_batch(data) -> None:
     # random sampling with 3 iterations per epoch: call 5 is the third batch of the second epoch
     method = _NaNAfter(at=5)
-    with pytest.raises(TrainingDiverged, match=r"epoch 1, batch 2") as caught:
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch 2, batch 3") as caught:
         train(method, data, small(epochs=3, iterations=3))
     assert "nan" in str(caught.value).lower()
     assert method.calls == 6  # stopped at once
@@ -275,6 +275,14 @@ METHOD_CASES = [
     ("adversarial", {"fairness": "eo"}),
     ("fairmixup", {"fairness": "dp"}),
     ("fairmixup", {"fairness": "eo"}),
+    ("hsic", {"fairness": "dp"}),
+    ("hsic", {"fairness": "eo"}),
+    ("prem", {"fairness": "dp"}),
+    ("prem", {"fairness": "eo"}),
+    ("scorematch", {"fairness": "dp"}),
+    ("scorematch", {"fairness": "eo"}),
+    ("fairret", {"fairness": "dp"}),
+    ("fairret", {"fairness": "eo"}),
 ]
 
 
@@ -348,3 +356,21 @@ def test_write_json_atomic_failure_keeps_the_previous_file(tmp_path) -> None:
         write_json_atomic(target, {"bad": object()})
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+@pytest.mark.parametrize(("norm", "options", "without_bias"), [
+    ("batchnorm", {}, True),
+    ("groupmixnorm", {}, True),
+    ("groupmixnorm", {"output_scale": "mixed"}, False),  # keeps the input's units: a shift passes through
+    ("none", {}, False),
+])
+def test_a_layer_just_before_a_shift_removing_normalization_has_no_bias(norm, options, without_bias) -> None:
+    """Such a bias has a gradient that is zero in exact arithmetic, which Adam turns into random lr-sized steps."""
+    from groupmixnorm.methods.models import build_cnn, build_mlp
+
+    mlp = build_mlp(5, (4, 3), norm=norm, placement="0,logit", num_groups=2, norm_options=options)
+    linears = [layer for layer in mlp if isinstance(layer, torch.nn.Linear)]
+    assert [layer.bias is None for layer in linears] == [without_bias, False, without_bias]
+    cnn = build_cnn((1, 4, 4), (2, 2), norm=norm, placement="1", num_groups=2, norm_options=options)
+    convolutions = [layer for layer in cnn if isinstance(layer, torch.nn.Conv2d)]
+    assert [layer.bias is None for layer in convolutions] == [False, without_bias]

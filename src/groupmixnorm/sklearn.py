@@ -25,6 +25,7 @@ from torch import nn
 from groupmixnorm.methods import METHODS, Batch, Method, ModelSpec, make_method
 from groupmixnorm.methods.base import method_fields
 from groupmixnorm.training.loop import TrainConfig, train_one_epoch
+from groupmixnorm.training.threads import TABULAR_THREADS, torch_threads
 
 #: The options of ``gmn`` that are also estimator parameters (any method that has them gets them).
 _SHARED_OPTIONS = ("align", "align_quantiles", "placement", "fairness")
@@ -75,6 +76,10 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seed of the weights and of the batch order. Fitting does not touch the global random state of
         numpy or torch.
+    threads : int or None, default=1
+        Torch threads for ``fit`` and prediction, restored afterwards. One thread is the command line's
+        default for tables: small matrix products run fastest on one, and two threads on a busy machine
+        made training many times slower. ``None`` keeps torch's own setting.
 
     Attributes
     ----------
@@ -117,6 +122,7 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         weight_decay: float = 0.0,
         standardize: bool = True,
         random_state: int | np.random.RandomState | None = None,
+        threads: int | None = TABULAR_THREADS,
     ) -> None:
         self.method = method
         self.align = align
@@ -131,6 +137,7 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.standardize = standardize
         self.random_state = random_state
+        self.threads = threads
 
     def fit(self, X: Any, y: Any, *, sensitive_features: Any = None) -> GroupMixNormClassifier:
         """Train the network.
@@ -164,7 +171,8 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         features = torch.as_tensor((X - self._mean) / self._scale, dtype=torch.float32)
         batch = Batch(features, torch.as_tensor(y_index, dtype=torch.float32), torch.as_tensor(groups))
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        self.model_, self.history_ = _train_network(self.method_, batch, len(self.groups_), self._config(seed))
+        with torch_threads(self.threads):
+            self.model_, self.history_ = _train_network(self.method_, batch, len(self.groups_), self._config(seed))
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -184,7 +192,7 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         features = torch.as_tensor((X - self._mean) / self._scale, dtype=torch.float64)
         self.model_.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(self.threads):
             logits = self.method_.predict_logits(self.model_, features)
         return logits.numpy().astype(np.float64)
 

@@ -3,7 +3,8 @@
 Every error a user can cause ends with one clear line on stderr and exit code 2; ``--debug`` shows the
 traceback instead. One module per group of subcommands: :mod:`~groupmixnorm.cli.train`,
 :mod:`~groupmixnorm.cli.bench` and :mod:`~groupmixnorm.cli.checkpoints` (predict, analyze, debias, export,
-report); :mod:`~groupmixnorm.cli.common` holds what they share.
+report); :mod:`~groupmixnorm.cli.common` holds what they share. Building the parser imports no heavy
+library: a subcommand's options that need one are added when that subcommand is parsed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from groupmixnorm.cli.bench import _add_bench
 from groupmixnorm.cli.checkpoints import _add_analyze, _add_debias, _add_export, _add_predict, _add_report
-from groupmixnorm.cli.common import UsageError, _one_line, _Parser, _set_threads
+from groupmixnorm.cli.common import UsageError, _one_line, _Parser, _set_threads, _Subcommands, _warnings_as_lines
 from groupmixnorm.cli.train import STATE_FILE, _add_train, format_summary, spec_from_args
 
 __all__ = ["STATE_FILE", "UsageError", "build_parser", "format_summary", "main", "spec_from_args"]
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _set_threads(args)
-        return args.handler(args)
+        with _warnings_as_lines(args.command):
+            return args.handler(args)
     except (UsageError, ValueError, OSError) as error:
         if args.debug:
             raise
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and measure fair models with the GroupMixNorm layer.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", action=_Subcommands)
     _add_train(commands)
     _add_bench(commands)
     _add_predict(commands)

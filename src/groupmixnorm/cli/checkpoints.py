@@ -24,26 +24,36 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--csv", type=Path, required=True, help="rows to score")
     predict.add_argument("--out", type=Path, required=True, help="where to write the scores (CSV)")
     predict.add_argument("--id-column", default=None, help="a column of the input to copy into the output")
-    predict.add_argument("--threshold", type=float, default=0.5, help="score at or above which prediction is 1")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="score at or above which prediction is 1, in [0, 1] [default: the checkpoint's, "
+                         "0.5 unless train --max-gap chose one]")
     predict.set_defaults(handler=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import warnings
+
     import pandas as pd
 
     from groupmixnorm.training import write_text_atomic
-    from groupmixnorm.training.checkpoint import load_checkpoint
+    from groupmixnorm.training.checkpoint import FilledCategoriesWarning, load_checkpoint
 
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN fails both comparisons
+        raise UsageError(f"--threshold must be a number in [0, 1] (scores are probabilities), got {args.threshold}")
     checkpoint = load_checkpoint(args.checkpoint)
     frame = _read_csv(args.csv)
     if args.id_column is not None and args.id_column not in frame.columns:
         raise UsageError(f"--id-column {args.id_column!r} is not a column of {args.csv}")
-    scores = checkpoint.predict_proba(frame)
-    output = pd.DataFrame({"score": scores, "prediction": (scores >= args.threshold).astype(int)})
+    _, note = checkpoint.model_inputs(frame)  # refuses the rows it cannot score, before anything is written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilledCategoriesWarning)  # the note is printed below instead
+        scores = checkpoint.predict_proba(frame)
+    threshold = checkpoint.threshold if args.threshold is None else args.threshold
+    output = pd.DataFrame({"score": scores, "prediction": (scores >= threshold).astype(int)})
     if args.id_column is not None:
         output.insert(0, args.id_column, frame[args.id_column].to_numpy())
     write_text_atomic(args.out, output.to_csv(index=False))
-    print(f"scored {len(output)} rows; wrote {args.out}")
+    print(f"scored {len(output)} rows; wrote {args.out}" + ("" if note is None else f" ({note})"))
     return 0
 
 
@@ -63,14 +73,17 @@ def _read_csv(path: Path) -> Any:
     return frame
 
 
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None, metavar="FILE",
+                        help="for a model trained with train --csv: a copy of its training file, read instead of "
+                        "the path it was trained from (it must have the same sha256, which the checkpoint stores)")
+
+
 # ----------------------------------------------------------------------------------------------- analyze
 
 
 def _add_analyze(commands: argparse._SubParsersAction) -> None:
-    from groupmixnorm.experiments.invariance import EMBEDDINGS, AnalysisOptions
-
-    defaults = AnalysisOptions()
-    analyze = _subcommand(
+    _subcommand(
         commands,
         "analyze",
         help="measure how much each layer of a saved model reveals the protected attribute",
@@ -78,7 +91,14 @@ def _add_analyze(commands: argparse._SubParsersAction) -> None:
         "of logistic-regression and MLP probes that predict the protected attribute (trained on half the rows, "
         "scored on the other half), the MMD between groups with a permutation p-value, and a 2-D embedding "
         "plot. Writes OUT/analysis.json and OUT/embedding_<layer>.png.",
+        options=_add_analyze_options,
     )
+
+
+def _add_analyze_options(analyze: argparse.ArgumentParser) -> None:
+    from groupmixnorm.experiments.invariance import EMBEDDINGS, AnalysisOptions  # torch: only when parsed
+
+    defaults = AnalysisOptions()
     analyze.add_argument("--checkpoint", type=Path, required=True, help="file written by train --save")
     analyze.add_argument("--out", type=Path, required=True, help="directory for analysis.json and the plots")
     analyze.add_argument("--seed", type=int, default=defaults.seed, help="seed of the subsamples, splits and probes")
@@ -87,6 +107,7 @@ def _add_analyze(commands: argparse._SubParsersAction) -> None:
                          help="rows per group in the MMD test")
     analyze.add_argument("--permutations", type=int, default=defaults.permutations, help="permutations of the MMD test")
     analyze.add_argument("--embedding", choices=EMBEDDINGS, default=defaults.embedding, help="2-D embedding of the plots")
+    _add_data(analyze)
     analyze.add_argument("--quiet", action="store_true", help="print nothing but errors")
     analyze.set_defaults(handler=_run_analyze)
 
@@ -99,10 +120,11 @@ def _run_analyze(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     options = AnalysisOptions(seed=args.seed, max_rows=args.max_rows, mmd_rows_per_group=args.mmd_rows_per_group,
                               permutations=args.permutations, embedding=args.embedding)
-    analysis = analyze_checkpoint(args.checkpoint, args.out, options=options)
+    analysis = analyze_checkpoint(args.checkpoint, args.out, options=options, data_file=args.data)
     if not args.quiet:
         chance = analysis["chance_balanced_accuracy"]
-        print(f"{analysis['method']}: can a probe recover {analysis['sensitive']}? (chance: balanced accuracy {chance:.2f})")
+        print(f"{analysis['method']}: can a probe recover {analysis['sensitive']}? (chance: AUC either way round 0.50, "
+              f"balanced accuracy {chance:.2f})")
         for name, layer in analysis["layers"].items():
             print(f"  {name:<16} probe balanced accuracy {layer['probe_balanced_accuracy']:.3f}  AUC "
                   f"{layer['probe_auc']:.3f}  MMD^2 {layer['mmd']:.4f} (p = {layer['mmd_p_value']:.3f})")
@@ -211,13 +233,14 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     report.add_argument("--bench", type=Path, default=None,
                         help="a bench results folder (e.g. docs/results/adult) whose trade-off plots to include")
+    _add_data(report)
     report.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from groupmixnorm.experiments.html_report import write_report
 
-    path = write_report(args.source, args.out, bench=args.bench)
+    path = write_report(args.source, args.out, bench=args.bench, data=args.data)
     print(f"wrote {path}")
     return 0
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groupmixnorm.cli.common import UsageError, _add_threads, _subcommand
+from groupmixnorm.cli.common import UsageError, _add_flag, _add_threads, _parse_bool, _subcommand
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class DatasetDefaults:
 
 DATASET_DEFAULTS = {
     "adult": DatasetDefaults("sex", "200,200"),
+    # The bundled benchmark tables (groupmixnorm.data.benchmarks); their split is seeded by --split-seed.
+    "german": DatasetDefaults("age", "200,200", ("split_seed",)),
+    "compas": DatasetDefaults("race", "200,200", ("split_seed",)),
+    "credit": DatasetDefaults("sex", "200,200", ("split_seed",)),
+    "law": DatasetDefaults("race", "200,200", ("split_seed",)),
     "colored-digits": DatasetDefaults("color", "16,32", ("bias",)),
     "celeba": DatasetDefaults("Male", "32,64,128,128", ("data_dir", "target", "image_size")),
     # Any table: --csv FILE names the dataset; --sensitive is required (no column is a safe guess).
@@ -37,28 +42,36 @@ STATE_FILE = "train_state.pt"
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from groupmixnorm.methods import METHODS
-
-    train = _subcommand(
+    _subcommand(
         commands,
         "train",
         help="train one model and write DIR/metrics.json",
         description="Train one model, print its test metrics and write OUT/metrics.json.",
+        options=_add_train_options,
     )
+
+
+def _add_train_options(train: argparse.ArgumentParser) -> None:
+    from groupmixnorm.methods import METHODS  # imports torch: only when train is parsed
+
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=None,
-                      help="adult (bundled), colored-digits (built from scikit-learn's digits), celeba (--data-dir), "
-                      "csv (--csv FILE) [default: adult, or csv when --csv is given]")
+                      help="adult, german, compas, credit, law (bundled tables), colored-digits (built from "
+                      "scikit-learn's digits), celeba (--data-dir), csv (--csv FILE) "
+                      "[default: adult, or csv when --csv is given]")
     data.add_argument("--sensitive", default=None,
-                      help="protected attribute: sex, race or sex*race (adult; default sex), color (colored-digits), "
-                      "an attribute name such as Male (celeba; default Male), a column name (csv; required)")
-    data.add_argument("--data-dir", dest="data_data_dir", type=Path, default=None,
+                      help="protected attribute: sex, race or sex*race (adult; default sex), age (<=25) or sex "
+                      "(german; default age), race (African-American vs Caucasian), race6 or sex (compas; default "
+                      "race), sex (credit), race (White vs non-White) or sex (law; default race), color "
+                      "(colored-digits), an attribute name such as Male (celeba; default Male), a column name (csv; "
+                      "required)")
+    data.add_argument("--data-dir", dest="data_data_dir", type=Path, default=None, metavar="DIR",
                       help="celeba: folder with img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt")
-    data.add_argument("--target", dest="data_target", default=None,
+    data.add_argument("--target", dest="data_target", default=None, metavar="ATTRIBUTE",
                       help="celeba: attribute to predict, e.g. Smiling, Attractive, Wavy_Hair [default: Smiling]")
-    data.add_argument("--image-size", dest="data_image_size", type=int, default=None,
+    data.add_argument("--image-size", dest="data_image_size", type=int, default=None, metavar="PIXELS",
                       help="celeba: side of the square images after center crop and resize [default: 64]")
-    data.add_argument("--bias", dest="data_bias", type=float, default=None,
+    data.add_argument("--bias", dest="data_bias", type=float, default=None, metavar="PROBABILITY",
                       help="colored-digits: probability that color agrees with the label in train and "
                       "validation [default: 0.9]")
     data.add_argument("--csv", dest="data_csv", type=Path, default=None, metavar="FILE",
@@ -72,21 +85,33 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--test-size", dest="data_test_size", type=float, default=None, metavar="FRACTION",
                       help="csv: share of the rows held out for testing [default: 0.3]")
     data.add_argument("--split-seed", dest="data_split_seed", type=int, default=None, metavar="SEED",
-                      help="csv: seed of the test and validation splits [default: 0]")
-    data.add_argument("--strict", dest="data_strict", nargs="?", const=True, type=_parse_bool, default=None,
-                      metavar="BOOL",
-                      help="csv: refuse rows with missing values instead of dropping them")
+                      help="csv: seed of the test and validation splits; german, compas, credit, law: seed of "
+                      "the test split (validation is drawn with seed 0) [default: 0]")
+    _add_flag(data, "--strict", dest="data_strict", default=None,
+              help="csv: refuse rows with missing values instead of dropping them [default: drop them]")
     data.add_argument(
         "--protocol", choices=("official", "fairmixup"), default="official",
         help="official: UCI train/test files, validation carved from train; "
         "fairmixup: merged files, rows with missing values dropped, seeded 60/20/20 split",
     )
-    data.add_argument("--quantize", action="store_true",
-                      help="fairmixup protocol only: reproduce its 10-bin quantization quirk")
+    _add_flag(data, "--quantize", default=False,
+              help="fairmixup protocol only: reproduce its 10-bin quantization quirk")
 
     method = train.add_argument_group("method")
-    method.add_argument("--method", choices=sorted(METHODS), default="gmn", help="training method")
+    method.add_argument("--method", choices=sorted(METHODS), default=None, help="training method [default: gmn]")
     _add_method_options(method)
+
+    fair = train.add_argument_group("fair by constraint (the most accurate model that meets every bound)")
+    fair.add_argument("--max-gap", action="append", default=None, metavar="METRIC=BOUND",
+                      help="bound a validation gap, e.g. dp_gap_hard=0.05 (repeatable); any gap of the package: "
+                      "dp_gap, eopp_gap, eodds_gap, dp_gap_hard, eopp_gap_hard, eodds_gap_hard, dp_ks, eodds_ks, "
+                      "abcc. Searches each method's fairness knob and the decision threshold on validation and "
+                      "keeps the most accurate model whose bootstrap upper end meets every bound; exit 3 if none")
+    fair.add_argument("--methods", default=None, metavar="LIST",
+                      help="with --max-gap: comma-separated methods to search, or auto (those that need no "
+                      "protected attribute at prediction and can be saved) [default: --method if given, else auto]")
+    fair.add_argument("--budget", type=int, default=None, metavar="N",
+                      help="with --max-gap: trials per method (a method without a knob trains once) [default: 20]")
 
     loop = train.add_argument_group("training loop")
     _add_config_options(loop)
@@ -94,7 +119,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, type=Path, help="directory for metrics.json")
     train.add_argument("--resume", action="store_true",
                        help=f"continue from the state an interrupted run left in --out ({STATE_FILE}), if any")
-    train.add_argument("--save", type=Path, default=None,
+    train.add_argument("--save", type=Path, default=None, metavar="FILE",
                        help="also write the trained model, its preprocessing and config to this file, for predict")
     train.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     _add_threads(train)
@@ -116,11 +141,14 @@ def _add_method_options(group: argparse._ArgumentGroup) -> None:
         description = SHARED_OPTION_HELP.get(option_name, first.metadata.get("help", "")) if len(users) > 1 \
             else first.metadata.get("help", "")
         defaults = ", ".join(f"{method} {item.default}" for method, item in users)
-        group.add_argument(
-            "--" + option_name.replace("_", "-"), dest=f"method_{option_name}", type=kind,
-            choices=first.metadata.get("choices"), default=argparse.SUPPRESS,
-            help=f"{description} [default: {defaults}]",
-        )
+        flag, dest = "--" + option_name.replace("_", "-"), f"method_{option_name}"
+        text = f"{description} [default: {defaults}]"
+        if kind in (bool, _parse_bool):  # bool("false") is True: booleans are flags that parse their value
+            _add_flag(group, flag, dest=dest, default=argparse.SUPPRESS, help=text)
+            continue
+        choices = first.metadata.get("choices")
+        group.add_argument(flag, dest=dest, type=kind, choices=choices, default=argparse.SUPPRESS, help=text,
+                           metavar=None if choices else option_name.upper())
 
 
 #: Help for options that several methods share (each method's docstring says what it does with them).
@@ -134,15 +162,6 @@ def _type_from_annotation(annotation: str) -> Any:
     return {"float": float, "int": int, "str": str, "bool": _parse_bool}.get(annotation.split("|")[0].strip(), str)
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _add_config_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--epochs", type=int, default=10, help="training epochs")
     group.add_argument("--batch-size", type=int, default=256,
@@ -154,13 +173,14 @@ def _add_config_options(group: argparse._ArgumentGroup) -> None:
                        "(per group and label)")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     group.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    group.add_argument("--hidden", default=None,
+    group.add_argument("--hidden", default=None, metavar="WIDTHS",
                        help="hidden layer widths, comma-separated; for images the CNN's channels per block "
-                       "[default: adult 200,200, colored-digits 16,32, celeba 32,64,128,128]")
+                       "[default: tables 200,200, colored-digits 16,32, celeba 32,64,128,128]")
     group.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and batch order")
-    group.add_argument("--select", choices=("ap", "last", "dp_gap", "eodds_gap"), default="ap",
+    group.add_argument("--select", choices=("ap", "last", "dp_gap", "eodds_gap", "accuracy"), default="ap",
                        help="epoch to keep, chosen on validation: best AP (within --gap-target if given), "
-                       "the last one, or the smallest gap")
+                       "the last one, or the smallest gap; with --max-gap: what the search maximizes on "
+                       "validation, ap or accuracy (epochs are then kept by validation AP)")
     group.add_argument("--gap-metric", choices=("dp_gap", "eopp_gap", "eodds_gap"), default="dp_gap",
                        help="validation gap that --gap-target bounds")
     group.add_argument("--gap-target", type=float, default=None,
@@ -175,6 +195,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     from groupmixnorm.methods.base import method_fields
     from groupmixnorm.training import TrainConfig
 
+    args.method = args.method or "gmn"
     known = {item.name for item in method_fields(METHODS[args.method])}
     given = {key[len("method_"):]: value for key, value in vars(args).items()
              if key.startswith("method_") and value is not None}
@@ -184,10 +205,13 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(f"{flags} does not apply to --method {args.method}")
     args.dataset = _dataset_name(args)
     defaults = DATASET_DEFAULTS[args.dataset]
+    if args.select == "accuracy" and not getattr(args, "max_gap", None):
+        raise UsageError("--select accuracy is the objective of a --max-gap search; epochs are kept by ap, "
+                         "last, dp_gap or eodds_gap")
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
         weight_decay=args.weight_decay, hidden=_parse_hidden(args.hidden or defaults.hidden), seed=args.seed,
-        select=args.select, gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling,
+        select="ap" if args.select == "accuracy" else args.select, gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling,
         device=args.device,
     )
     return RunSpec(method=args.method, method_options=given, dataset=args.dataset,
@@ -248,7 +272,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from groupmixnorm.experiments import execute
     from groupmixnorm.training import TrainingDiverged, write_json_atomic
 
+    if args.max_gap is None:
+        given = [flag for flag, value in (("--methods", args.methods), ("--budget", args.budget)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} applies to a --max-gap search; add --max-gap METRIC=BOUND")
+    else:
+        return _run_constrained(args)
     spec = spec_from_args(args)
+    _check_device(spec.config.device)
     # Under torchrun every process trains; rank 0 alone reports and writes.
     main_process = int(os.environ.get("RANK", "0")) == 0
     progress = None if args.quiet or not main_process else _epoch_progress(spec.config.epochs, spec.method)
@@ -257,7 +288,8 @@ def _run_train(args: argparse.Namespace) -> int:
         record = execute(spec, on_epoch=progress.update if progress else None,
                          save_to=args.save if main_process else None, state_path=state, resume=args.resume)
     except TrainingDiverged as error:
-        raise UsageError(f"{error}; the state of the last good epoch is in {state} (lower --lr, or inspect it)") from error
+        kept = f"the state of the last good epoch is in {state}" if state.exists() else "no epoch had finished"
+        raise UsageError(f"{error}; {kept} (lower --lr, or inspect it)") from error
     finally:
         if progress:
             progress.close()
@@ -273,6 +305,168 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     return 0
 
+
+#: The exit code of a --max-gap search in which no candidate met every bound.
+NO_FEASIBLE_EXIT = 3
+
+
+def _run_constrained(args: argparse.Namespace) -> int:
+    """``train --max-gap``: search, choose on validation, then score the choice once on test and write
+    metrics.json, front.csv, front.png (and --save); exit 3 with one line if no trial met every bound."""
+    import dataclasses
+
+    from groupmixnorm.experiments import constraint
+    from groupmixnorm.experiments.spec import data_fingerprint, load_run_data
+
+    bounds = constraint.parse_bounds(args.max_gap)
+    explicit_method = args.method is not None
+    methods = _search_methods(args, bounds, explicit_method)
+    spec = spec_from_args(args)
+    _check_device(spec.config.device)
+    _check_search_flags(args, methods)
+    budget = 20 if args.budget is None else args.budget
+    select = "accuracy" if args.select == "accuracy" else "ap"
+    source = data_fingerprint(spec.to_dict())
+    data = load_run_data(spec.to_dict())
+    progress = None if args.quiet else _search_progress(methods, budget, select)
+    try:
+        result = constraint.search(data, methods, bounds, config=spec.config, budget=budget, select=select,
+                                   on_trial=progress.update if progress else None)
+    finally:
+        if progress:
+            progress.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = constraint.front_table(result.trials, bounds, result.chosen)
+    table.to_csv(args.out / "front.csv", index=False)
+    constraint.plot_front(table, bounds, select, args.out / "front.png")
+    if result.chosen is None:
+        print(f"groupmixnorm train: error: {constraint.closest_message(result.trials, bounds)}", file=sys.stderr)
+        return NO_FEASIBLE_EXIT
+    seed = spec.config.seed
+    warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), result.chosen.choice.threshold)
+    test = constraint.score_test(result, data, bounds, seed=seed)  # the only look at the test split
+    record = constraint.summary_record(result, data, bounds, select=select, budget=budget, seed=seed, test=test,
+                                       warnings=warnings)
+    chosen_spec = dataclasses.replace(spec, method=result.chosen.method, method_options=result.chosen.options)
+    record["chosen"]["command"] = chosen_spec.command(out=str(args.out))
+    _write_constrained(args, record, result, chosen_spec, data, source)
+    for line in warnings:
+        print(f"groupmixnorm train: warning: {line}", file=sys.stderr)
+    if not args.quiet:
+        print(table.drop(columns=["seconds"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(constraint.format_choice(record))
+        print(f"wrote {args.out / 'metrics.json'}, front.csv, front.png")
+    return 0
+
+
+def _write_constrained(args: argparse.Namespace, record: dict[str, Any], result: Any, spec: Any, data: Any,
+                       source: Any) -> None:
+    """metrics.json, and with --save the chosen model's checkpoint with its threshold."""
+    from groupmixnorm.training import write_json_atomic
+    from groupmixnorm.training.checkpoint import save_checkpoint
+
+    if args.save is not None:
+        save_checkpoint(args.save, model=result.model, method=result.method, spec=spec, data=data, source=source,
+                        threshold=result.chosen.choice.threshold)
+        record["checkpoint"] = str(args.save)
+    write_json_atomic(args.out / "metrics.json", record)
+
+
+def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit: bool) -> dict[str, dict[str, Any]]:
+    """The candidate methods of a --max-gap search with their fixed options (the user's, for a single
+    --method; the fairness the bounds ask for where a method has that option)."""
+    from groupmixnorm.experiments.constraint import KNOBS, auto_methods, target_fairness
+    from groupmixnorm.methods import METHODS, make_method
+    from groupmixnorm.methods.base import method_fields
+
+    if args.methods is not None and explicit:
+        raise UsageError("give --method (one method) or --methods (a list, or auto), not both")
+    if args.methods is None:
+        names = [args.method] if explicit else auto_methods()
+    elif args.methods.strip() == "auto":
+        names = auto_methods()
+    else:
+        names = [name.strip() for name in args.methods.split(",") if name.strip()]
+        unknown = [name for name in names if name not in METHODS]
+        if unknown or not names:
+            raise UsageError(f"--methods {args.methods!r}: unknown method(s) {', '.join(unknown) or '(none)'}; "
+                             f"available: {', '.join(sorted(METHODS))}, or auto")
+    given = {key[len("method_"):]: value for key, value in vars(args).items()
+             if key.startswith("method_") and value is not None}
+    if given and not explicit:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+        raise UsageError(f"{flags}: method options apply to a single --method; --methods searches each method "
+                         "with its defaults")
+    methods = {}
+    for name in dict.fromkeys(names):
+        knob = KNOBS.get(name)
+        if knob is not None and knob.name in given:
+            raise UsageError(f"--{knob.name.replace('_', '-')} is what --max-gap searches for --method {name}; "
+                             "leave it out")
+        fields = {item.name for item in method_fields(METHODS[name])}
+        options = {**({"fairness": target_fairness(bounds)} if "fairness" in fields else {}), **given}
+        if make_method(name, **options).uses_sensitive_at_prediction():
+            raise UsageError(f"method {name} with these options needs the protected attribute at prediction; a "
+                             "--max-gap search returns models that do not")
+        methods[name] = options
+    return methods
+
+
+def _check_search_flags(args: argparse.Namespace, methods: dict[str, dict[str, Any]]) -> None:
+    """Flags that do not combine with a --max-gap search."""
+    if args.select not in ("ap", "accuracy"):
+        raise UsageError(f"with --max-gap, --select is what the search maximizes on validation: ap or accuracy, "
+                         f"got {args.select}")
+    if args.gap_target is not None:
+        raise UsageError("--gap-target does not combine with --max-gap, which bounds the gaps itself")
+    if args.resume:
+        raise UsageError("--resume continues a single run; a --max-gap search starts afresh")
+    if args.save is not None and "expgrad" in methods:
+        raise UsageError("--save supports the torch-trained methods; expgrad models are not saved (leave it out "
+                         "of --methods)")
+    if args.budget is not None and args.budget < 1:
+        raise UsageError(f"--budget must be at least 1, got {args.budget}")
+
+
+class _search_progress:
+    """One tqdm bar over every trial of a --max-gap search, the best feasible objective so far beside it."""
+
+    def __init__(self, methods: dict[str, dict[str, Any]], budget: int, select: str) -> None:
+        from tqdm import tqdm
+
+        from groupmixnorm.experiments.constraint import KNOBS
+
+        total = sum(budget if name in KNOBS else 1 for name in methods)
+        self.select = select
+        self.bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr)
+
+    def update(self, trial: Any, best: Any) -> None:
+        shown = "none yet" if best is None else f"{best.choice.objective(self.select):.4f} ({best.method})"
+        self.bar.set_postfix_str(f"{trial.method}, best feasible val {self.select} {shown}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_device(name: str) -> None:
+    """Refuse a ``--device`` that torch does not know or this machine does not have, before any data loads."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device (such as cpu, cuda, cuda:1 or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else ", a build without CUDA"
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}"
+                             f"{build}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS (Apple GPUs) is not available on this machine; use --device cpu")
 
 
 class _epoch_progress:
@@ -309,7 +503,8 @@ def format_summary(record: dict[str, Any]) -> str:
     columns = [c for c in ("count", "base_rate", "mean_score", "selection_rate", "tpr", "fpr") if c in rates]
     timing = record["timings"]
     lines = [
-        f"{record['method']} ({record['setting']}), seed {record['seed']}, selected epoch {record['selected_epoch']}, "
+        f"{record['method']} ({record['setting']}), seed {record['seed']}, "
+        f"selected epoch {record['selected_epoch'] + 1} of {len(record['history'])}, "
         f"{timing['median_epoch_seconds']:.2f} s/epoch",
         metrics.to_string(float_format=lambda v: f"{v:.4f}"),
         "",

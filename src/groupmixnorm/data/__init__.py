@@ -1,12 +1,15 @@
-"""Datasets as arrays: bundled UCI Adult, with protocols, protected attributes and preprocessing; colored
-digits (built from scikit-learn's bundled digits) and CelebA (from a local folder) as images."""
+"""Datasets as arrays: bundled UCI Adult, with protocols, protected attributes and preprocessing; the bundled
+tabular benchmark sets (German credit, COMPAS, credit default Taiwan, law school); colored digits (built from
+scikit-learn's bundled digits) and CelebA (from a local folder) as images."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from groupmixnorm.data.adult import ADULT_COLUMNS, load_adult, read_adult_frame
+from groupmixnorm.data.benchmarks import BENCHMARKS, load_benchmark
 from groupmixnorm.data.celeba import load_celeba
 from groupmixnorm.data.colored_digits import load_colored_digits
 from groupmixnorm.data.csv import load_csv, load_csv_dataset
@@ -14,6 +17,7 @@ from groupmixnorm.data.tabular import Split, TabularDataset
 
 _LOADERS: dict[str, Callable[..., TabularDataset]] = {
     "adult": load_adult, "colored-digits": load_colored_digits, "celeba": load_celeba, "csv": load_csv_dataset,
+    **{name: functools.partial(load_benchmark, name) for name in BENCHMARKS},
 }
 #: Datasets of images (``X`` of shape ``(n, C, H, W)``), on which the methods train a CNN.
 IMAGE_DATASETS = ("colored-digits", "celeba")
@@ -32,7 +36,8 @@ def load_dataset(name: str, **options: Any) -> TabularDataset:
     name : str
         One of :func:`available_datasets`.
     **options
-        Passed to the dataset's loader: :func:`load_adult`, :func:`load_colored_digits`, :func:`load_celeba` or
+        Passed to the dataset's loader: :func:`load_adult`, :func:`load_benchmark` (``german``, ``compas``,
+        ``credit``, ``law``), :func:`load_colored_digits`, :func:`load_celeba` or
         :func:`~groupmixnorm.data.csv.load_csv_dataset`.
 
     Returns
@@ -49,5 +54,6 @@ def load_dataset(name: str, **options: Any) -> TabularDataset:
     return _LOADERS[name](**options)
 
 
-__all__ = ["ADULT_COLUMNS", "IMAGE_DATASETS", "Split", "TabularDataset", "available_datasets", "load_adult",
-           "load_celeba", "load_colored_digits", "load_csv", "load_dataset", "read_adult_frame"]
+__all__ = ["ADULT_COLUMNS", "BENCHMARKS", "IMAGE_DATASETS", "Split", "TabularDataset", "available_datasets",
+           "load_adult", "load_benchmark", "load_celeba", "load_colored_digits", "load_csv", "load_dataset",
+           "read_adult_frame"]

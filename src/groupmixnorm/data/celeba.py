@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -152,14 +151,10 @@ def _cache_path(folder: Path, names: list[str], size: int) -> Path:
 
 def _save_atomic(path: Path, images: np.ndarray) -> None:
     """Write the cache via a temporary file and a rename; an unwritable cache only costs decoding again."""
+    from groupmixnorm.training.records import atomic_output  # not at the top: training imports data
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+            np.save(stream, images)
     except OSError:
         return
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, images)
-        os.replace(temporary, path)
-    except OSError:
-        Path(temporary).unlink(missing_ok=True)

@@ -8,14 +8,16 @@ train, validation and test, stratified by label and group, with a seed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.tree import DecisionTreeClassifier
 
-from groupmixnorm.data.tabular import TabularDataset, encode_groups, make_preprocessor, to_split
+from groupmixnorm.data.tabular import TabularDataset, encode_groups, make_preprocessor, stratified_holdout, to_split
 
 #: More distinct values than this in the protected column is almost surely a continuous column.
 MAX_GROUPS = 20
@@ -23,8 +25,21 @@ MAX_GROUPS = 20
 MISSING_MARKERS = ("?",)
 
 
+#: A feature that alone predicts the protected attribute with at least this balanced accuracy is reported.
+LEAK_BALANCED_ACCURACY = 0.95
+#: A column of distinct whole numbers or strings in a table of at least this many rows is reported as an ID.
+MIN_ROWS_FOR_ID = 50
+#: Groups with fewer rows than this make a leak estimate too noisy to report.
+MIN_ROWS_PER_GROUP_FOR_LEAK = 10
+
+
 class CSVError(ValueError):
     """A CSV that cannot be trained on as asked; the message names the file, column or value at fault."""
+
+
+class DataWarning(UserWarning):
+    """A table that can be trained on but probably should not be as it is: a column that encodes the
+    protected attribute, or an identifier. The command line prints each as one line."""
 
 
 def load_csv(
@@ -82,21 +97,30 @@ def load_csv(
     _check_fractions(test_size, val_fraction)
     frame = read_table(source)
     features = _feature_columns(frame, label, sensitive, drop, source)
+    _check_finite(frame, features, source)
+    rows = len(frame)
     frame, dropped = _complete_rows(frame[[*features, label, sensitive]], strict, source)
-    y, positive_name = binary_labels(frame[label], positive, label)
-    groups = sorted(frame[sensitive].astype(str).unique())
-    _check_groups(groups, sensitive)
-    a = encode_groups(frame[sensitive].astype(str), groups)
+    try:
+        y, positive_name = binary_labels(frame[label], positive, label)
+        groups = sorted(frame[sensitive].astype(str).unique())
+        _check_groups(groups, sensitive)
+        a = encode_groups(frame[sensitive].astype(str), groups)
+        index = np.arange(len(frame))
+        rest, test = stratified_holdout(index, test_size, seed, y, a)
+        train, val = stratified_holdout(rest, val_fraction, seed, y[rest], a[rest])
+    except ValueError as error:
+        if not dropped.total:
+            raise
+        # The rows that are gone may be the cause (a label left with one value, say): say so.
+        raise CSVError(f"{error}; note that {dropped.describe(rows)}") from None
+    for message in [*column_warnings(frame, features, sensitive), *_unmeasured_groups(groups, a, val, test, sensitive)]:
+        warnings.warn(message, DataWarning, stacklevel=2)
     numeric, categorical = type_columns(frame[features])
-
-    index = np.arange(len(frame))
-    rest, test = _holdout(index, test_size, seed, y, a)
-    train, val = _holdout(rest, val_fraction, seed, y[rest], a[rest])
     preprocessor = make_preprocessor(numeric, categorical).fit(frame.iloc[train][features])
     splits = [to_split(frame.iloc[rows][features], preprocessor, y[rows], a[rows]) for rows in (train, val, test)]
     protocol = (f"csv {source.name}: positive {label}={positive_name}; {len(frame)} rows "
-                f"({dropped} with missing values dropped); test {test_size:g}, validation {val_fraction:g} of the "
-                f"rest, seed {seed}, stratified by label and group")
+                f"({dropped.total} with missing values dropped); test {test_size:g}, validation {val_fraction:g} of "
+                f"the rest, seed {seed}, stratified by label and group")
     return TabularDataset(
         name="csv", train=splits[0], val=splits[1], test=splits[2],
         feature_names=list(preprocessor.get_feature_names_out()), sensitive=sensitive, group_names=groups,
@@ -210,18 +234,47 @@ def _feature_columns(frame: pd.DataFrame, label: str, sensitive: str, drop: Sequ
     return features
 
 
-def _complete_rows(frame: pd.DataFrame, strict: bool, source: Path) -> tuple[pd.DataFrame, int]:
-    """``frame`` without rows that have a missing value, and how many were dropped."""
-    missing = frame.isna().any(axis=1)
-    count = int(missing.sum())
-    if count and strict:
-        columns = [c for c in frame.columns if frame[c].isna().any()]
-        raise CSVError(f"{count} row(s) of {source} have missing values (in {', '.join(columns)}); "
+@dataclass(frozen=True)
+class DroppedRows:
+    """Rows dropped for missing values: how many, and how many had a gap in each column."""
+
+    total: int
+    per_column: dict[str, int]
+
+    def describe(self, rows: int) -> str:
+        """E.g. ``999 of 1000 rows were dropped for a missing value (999 in 'z'); --drop ...``."""
+        worst = sorted(self.per_column.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{count} in {column!r}" for column, count in worst[:5]) + (", ..." if len(worst) > 5 else "")
+        return (f"{self.total} of {rows} rows were dropped for a missing value ({shown}); --drop a column that "
+                "is mostly empty, or fill it in")
+
+
+def _complete_rows(frame: pd.DataFrame, strict: bool, source: Path) -> tuple[pd.DataFrame, DroppedRows]:
+    """``frame`` without rows that have a missing value, and what was dropped."""
+    gaps = frame.isna()
+    missing = gaps.any(axis=1)
+    dropped = DroppedRows(int(missing.sum()), {str(c): int(n) for c, n in gaps.sum().items() if n})
+    if dropped.total and strict:
+        raise CSVError(f"{dropped.total} row(s) of {source} have missing values (in {', '.join(dropped.per_column)}); "
                        "without --strict they are dropped")
     kept = frame[~missing].reset_index(drop=True)
     if kept.empty:
-        raise CSVError(f"every row of {source} has a missing value")
-    return kept, count
+        raise CSVError(f"every row of {source} has a missing value: {dropped.describe(len(frame))}")
+    return kept, dropped
+
+
+def _check_finite(frame: pd.DataFrame, features: list[str], source: Path) -> None:
+    """Refuse an infinite number in an input column (pandas reads ``inf`` as a number, which no scaler takes)."""
+    for column in features:
+        values = frame[column]
+        if not pd.api.types.is_float_dtype(values):
+            continue
+        infinite = np.isinf(values.to_numpy())
+        if infinite.any():
+            row = int(np.flatnonzero(infinite)[0])
+            raise CSVError(f"column {column!r} of {source} has an infinite value ({values.iloc[row]}) in row {row + 1} "
+                           f"(counting rows after the header from 1; {int(infinite.sum())} such row(s) in all); "
+                           "replace it with a number, or leave the cell empty to mark it missing")
 
 
 def _check_groups(groups: list[str], sensitive: str) -> None:
@@ -233,22 +286,75 @@ def _check_groups(groups: list[str], sensitive: str) -> None:
                        "bin it into groups first")
 
 
-def _holdout(
-    rows: np.ndarray, fraction: float, seed: int, y: np.ndarray, a: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``rows`` into kept and held-out parts, stratified by label and group when every cell allows it."""
-    cells = np.char.add(np.char.add(y.astype(str), "|"), a.astype(str))
-    for strata in (cells, y, None):
-        if strata is None or _splittable(strata, fraction):
-            try:
-                kept, held_out = train_test_split(rows, test_size=fraction, random_state=seed, stratify=strata)
-            except ValueError:
-                continue
-            return np.sort(kept), np.sort(held_out)
-    raise CSVError(f"too few rows ({len(rows)}) to hold out a share of {fraction:g}")
+def column_warnings(frame: pd.DataFrame, features: Sequence[str], sensitive: str) -> list[str]:
+    """One message per input column that defeats the purpose of a fair model, in column order.
+
+    Two rules, both cheap (one pass per column):
+
+    - **Proxy of the protected attribute.** A column is reported when it alone predicts the group with a
+      balanced accuracy (mean recall over groups) of at least :data:`LEAK_BALANCED_ACCURACY`. A categorical
+      column predicts, for each row, the group most frequent among the other rows with the same value
+      (relative to the group's size; leave-one-out, so that a value seen once, as in an identifier, predicts
+      nothing); a numeric column is cut by a decision tree with at most two leaves per group, fitted on the
+      column alone with balanced class weights. Not judged when a group has fewer than
+      :data:`MIN_ROWS_PER_GROUP_FOR_LEAK` rows.
+    - **Identifier.** A column whose values are all distinct, and are strings or whole numbers, in a table of
+      at least :data:`MIN_ROWS_FOR_ID` rows (distinct fractional numbers are measurements, not IDs).
+    """
+    groups = frame[sensitive].astype(str).to_numpy()
+    _, counts = np.unique(groups, return_counts=True)
+    judge_leaks = len(counts) >= 2 and counts.min() >= MIN_ROWS_PER_GROUP_FOR_LEAK
+    messages = []
+    for column in features:
+        values = frame[column]
+        if judge_leaks:
+            score = _proxy_balanced_accuracy(values, groups)
+            if score >= LEAK_BALANCED_ACCURACY:
+                messages.append(f"column {column!r} alone predicts the protected attribute {sensitive!r} (balanced "
+                                f"accuracy {score:.2f}), so a model can recover {sensitive!r} from it; --drop {column} "
+                                "unless it must stay")
+        if _looks_like_an_id(values):
+            messages.append(f"column {column!r} looks like an identifier (all {len(values)} values distinct), which "
+                            f"a model can only memorize; --drop {column}")
+    return messages
 
 
-def _splittable(strata: np.ndarray, fraction: float) -> bool:
-    """Whether every stratum has at least two rows and the held-out part can hold one row of each."""
-    _, counts = np.unique(strata, return_counts=True)
-    return counts.min() >= 2 and len(strata) * fraction >= len(counts) and len(strata) * (1 - fraction) >= len(counts)
+def _proxy_balanced_accuracy(values: pd.Series, groups: np.ndarray) -> float:
+    """Balanced accuracy of the simple single-column predictor of ``groups`` that :func:`column_warnings` describes."""
+    names, truth = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(truth)
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        tree = DecisionTreeClassifier(max_leaf_nodes=2 * len(names), class_weight="balanced", random_state=0)
+        column = values.to_numpy(dtype=np.float64).reshape(-1, 1)
+        predicted = tree.fit(column, truth).predict(column)
+    else:
+        codes = pd.factorize(values.astype(str))[0]
+        table = np.zeros((codes.max() + 1, len(names)), dtype=np.float64)
+        np.add.at(table, (codes, truth), 1.0)
+        others = table[codes]
+        others[np.arange(len(codes)), truth] -= 1.0  # leave the row itself out
+        # Shares of each group, not counts, so that a large group does not take every shared value; a value
+        # seen only in this row (all zeros) predicts group 0, no better than chance.
+        predicted = np.argmax(others / sizes, axis=1)
+    return float(np.mean([np.mean(predicted[truth == g] == g) for g in range(len(names))]))
+
+
+def _unmeasured_groups(
+    groups: list[str], a: np.ndarray, val: np.ndarray, test: np.ndarray, sensitive: str
+) -> list[str]:
+    """A message per group too small to reach the validation or test split, whose gaps are then never measured."""
+    messages = []
+    for index, name in enumerate(groups):
+        absent = [split for split, rows in (("validation", val), ("test", test)) if not np.any(a[rows] == index)]
+        if absent:
+            messages.append(f"group {name!r} of {sensitive!r} has {int(np.sum(a == index))} row(s), none in the "
+                            f"{' and '.join(absent)} split, so no gap measures it; merge it with another group")
+    return messages
+
+
+def _looks_like_an_id(values: pd.Series) -> bool:
+    if len(values) < MIN_ROWS_FOR_ID or values.nunique() != len(values) or pd.api.types.is_bool_dtype(values):
+        return False
+    if pd.api.types.is_float_dtype(values):
+        return bool(np.all(np.mod(values.to_numpy(), 1) == 0))
+    return True

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -125,3 +126,77 @@ def to_split(frame: pd.DataFrame, preprocessor: ColumnTransformer, y: np.ndarray
     """Transform raw rows with the fitted ``preprocessor`` and pack them with their labels and groups."""
     X = np.asarray(preprocessor.transform(frame), dtype=np.float32)
     return Split(X=X, y=y.astype(np.int64), a=a.astype(np.int64))
+
+
+def stratified_holdout(
+    rows: np.ndarray, fraction: float, seed: int, y: np.ndarray, a: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rows`` into kept and held-out parts, stratified by label and group when every cell allows it."""
+    cells = np.char.add(np.char.add(y.astype(str), "|"), a.astype(str))
+    for strata in (cells, y, None):
+        if strata is None or _splittable(strata, fraction):
+            try:
+                kept, held_out = train_test_split(rows, test_size=fraction, random_state=seed, stratify=strata)
+            except ValueError:
+                continue
+            return np.sort(kept), np.sort(held_out)
+    raise ValueError(f"too few rows ({len(rows)}) to hold out a share of {fraction:g}")
+
+
+def _splittable(strata: np.ndarray, fraction: float) -> bool:
+    """Whether every stratum has at least two rows and the held-out part can hold one row of each."""
+    _, counts = np.unique(strata, return_counts=True)
+    return counts.min() >= 2 and len(strata) * fraction >= len(counts) and len(strata) * (1 - fraction) >= len(counts)
+
+
+#: The names of the splits in messages.
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+def check_splits(data: TabularDataset) -> None:
+    """Refuse, before any training, a dataset that training or its evaluation would trip over later.
+
+    Every feature must be finite (then a NaN or infinity that appears while training can only be
+    divergence), and the validation and test splits, on which every epoch is measured, must each hold two
+    groups or more, each with positive and negative samples (a group absent from a split is allowed).
+
+    Raises
+    ------
+    ValueError
+        Naming the split, and the row and column or the group's value.
+    """
+    for key, name in SPLIT_NAMES.items():
+        _check_finite_features(getattr(data, key), name, data.feature_names)
+    for key in ("val", "test"):
+        split, name = getattr(data, key), SPLIT_NAMES[key]
+        present = np.unique(split.a)
+        if len(present) < 2:
+            only = data.group_names[int(present[0])] if len(present) else None
+            totals = _rows_per_group(data)
+            raise ValueError(f"the {name} split has only group {only!r} of {data.sensitive!r}, and the fairness gaps "
+                             f"need two groups in it (rows per group in all splits: {totals}); merge or drop tiny "
+                             "groups, or use more rows")
+        for group in present:
+            labels = np.unique(split.y[split.a == group])
+            if len(labels) < 2:
+                missing = "negative (label 0)" if labels[0] == 1 else "positive (label 1)"
+                raise ValueError(f"group {data.group_names[int(group)]!r} of {data.sensitive!r} has no {missing} "
+                                 f"samples in the {name} split, so its equal-opportunity and equalized-odds gaps are "
+                                 "undefined; merge it with another group, or drop its rows")
+
+
+def _check_finite_features(split: Split, name: str, feature_names: list[str]) -> None:
+    # One float64 sum finds any NaN or infinity without a boolean copy of a large image array.
+    if len(split) == 0 or np.isfinite(split.X.sum(dtype=np.float64)):
+        return
+    flat = split.X.reshape(len(split), -1)
+    row = next(i for i in range(len(flat)) if not np.isfinite(flat[i]).all())
+    column = int(np.flatnonzero(~np.isfinite(flat[row]))[0])
+    label = f" ({feature_names[column]!r})" if column < len(feature_names) else ""
+    raise ValueError(f"the {name} split's features hold NaN or infinity, first at row index {row}, column index "
+                     f"{column}{label}; clean or impute the data before training")
+
+
+def _rows_per_group(data: TabularDataset) -> dict[str, int]:
+    counts = sum(np.bincount(split.a, minlength=data.num_groups) for split in (data.train, data.val, data.test))
+    return {name: int(count) for name, count in zip(data.group_names, counts)}

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.data import Split
-from groupmixnorm.experiments.spec import load_run_data, run_record, setting_label
+from groupmixnorm.experiments.spec import run_record, setting_label
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import Batch, Method, ModelSpec
 from groupmixnorm.nn import GroupMixNorm1d
@@ -59,12 +59,18 @@ class FromPretrained(Method):
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         model = self.inner.build_model(spec)
-        result = model.load_state_dict(self.pretrained_state, strict=False)
+        state = dict(self.pretrained_state)
+        # A layer just before a normalization layer has no bias (the normalization removes any shift): the
+        # pre-trained bias moves into the normalization layer's affine shift below.
+        own = model.state_dict()
+        absorbed = {key: state.pop(key) for key in list(state)
+                    if key.endswith(".bias") and key not in own and key.removesuffix("bias") + "weight" in own}
+        result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"the pre-trained network does not fit the {self.name} model: unexpected "
                              f"{', '.join(result.unexpected_keys)}")
         if self.calibration_x is not None and isinstance(model, nn.Sequential) and isinstance(model[-1], GroupMixNorm1d):
-            _start_as_identity(model, self.calibration_x)
+            _start_as_identity(model, self.calibration_x, shift=absorbed.get(f"{len(model) - 2}.bias"))
         return model
 
     def setup(self, model: nn.Module, seed: int) -> None:
@@ -87,18 +93,19 @@ class FromPretrained(Method):
 
 
 @torch.no_grad()
-def _start_as_identity(model: nn.Sequential, x: Tensor) -> None:
+def _start_as_identity(model: nn.Sequential, x: Tensor, shift: Tensor | None = None) -> None:
     """Make a GroupMixNorm layer just added on the logit compute the identity at first.
 
     In training the layer standardizes the logit; its affine and running statistics start at the mean and
     deviation of the pre-trained logits on ``x``, so the fine-tuned model begins where the pre-trained one
-    was, instead of re-centring its scores (which moves every decision at threshold 0.5).
+    was, instead of re-centring its scores (which moves every decision at threshold 0.5). ``shift`` is the
+    pre-trained logit layer's bias where the new model's logit layer has none: the layer adds it back.
     """
     layer = model[-1]
     logits = model[:-1](x)
     mean, std = logits.mean(dim=0), logits.std(dim=0, unbiased=False).clamp_min(1e-3)
     layer.weight.copy_(std)
-    layer.bias.copy_(mean)
+    layer.bias.copy_(mean if shift is None else mean + shift)
     layer.running_mean.copy_(mean)
     layer.running_var.copy_(std**2 - layer.eps)
     layer.running_mix_mean.copy_(mean)
@@ -131,7 +138,7 @@ def debias(
         if options["placement"] != "logit":
             raise ValueError("debias inserts GroupMixNorm on the logit (the placement that works on Adult)")
     started = time.perf_counter()
-    data = load_run_data(checkpoint.spec)
+    data = checkpoint.run_data()
     data = dataclasses.replace(data, train=stratified_fraction(data.train, fraction, config.seed))
     config = dataclasses.replace(config, hidden=tuple(checkpoint.spec["config"]["hidden"]))
     calibration = torch.as_tensor(data.train.X, dtype=torch.float32)

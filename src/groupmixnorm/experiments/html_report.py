@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class RunView:
     notes: list[str] = field(default_factory=list)
 
 
-def write_report(source: str | Path, out: str | Path, *, bench: str | Path | None = None) -> Path:
+def write_report(source: str | Path, out: str | Path, *, bench: str | Path | None = None,
+                 data: str | Path | None = None) -> Path:
     """Write the HTML report of ``source`` to ``out`` atomically.
 
     Parameters
@@ -54,6 +56,9 @@ def write_report(source: str | Path, out: str | Path, *, bench: str | Path | Non
         The HTML file to write.
     bench : path, optional
         A bench results folder whose trade-off plots are added to a run's report.
+    data : path, optional
+        A copy of a CSV run's training file, read instead of the path the checkpoint records (checked by
+        the same sha256).
 
     Returns
     -------
@@ -63,28 +68,36 @@ def write_report(source: str | Path, out: str | Path, *, bench: str | Path | Non
     Raises
     ------
     ValueError
-        If ``source`` (or ``bench``) is none of the above.
+        If ``source`` (or ``bench``) is none of the above, or ``bench``'s runs trained on another data set
+        or protected attribute than the run.
     """
-    return write_text_atomic(out, build_report(Path(source), bench=None if bench is None else Path(bench)))
+    return write_text_atomic(out, build_report(Path(source), bench=None if bench is None else Path(bench), data=data))
 
 
-def build_report(source: Path, *, bench: Path | None = None) -> str:
+def build_report(source: Path, *, bench: Path | None = None, data: str | Path | None = None) -> str:
     """The report of ``source`` as one HTML document (see :func:`write_report`)."""
     if bench is not None and not (bench / "runs.csv").is_file():
         raise ValueError(f"--bench {bench} is not a bench results folder (it has no runs.csv)")
     if source.is_dir() and (source / "runs.csv").is_file() and not (source / "metrics.json").is_file():
+        if bench is not None:
+            raise ValueError(f"--bench adds a bench's plots to a run's report, and {source} is a bench folder itself")
+        if data is not None:
+            raise ValueError(f"--data is read to score a checkpoint again, and {source} is a bench folder")
         return _document(f"Bench report: {source.name}", _bench_sections(source))
-    view = load_run_view(source)
+    view = load_run_view(source, data=data)
+    if bench is not None:
+        _check_same_data(view, bench)
     sections = _run_sections(view) + ([] if bench is None else _bench_sections(bench))
     return _document(view.title, sections)
 
 
-def load_run_view(source: Path) -> RunView:
-    """A :class:`RunView` of a checkpoint file or of a run folder (``metrics.json``, maybe a checkpoint)."""
+def load_run_view(source: Path, *, data: str | Path | None = None) -> RunView:
+    """A :class:`RunView` of a checkpoint file or of a run folder (``metrics.json``, maybe a checkpoint);
+    ``data``: a copy of a CSV run's training file (see :func:`write_report`)."""
     from groupmixnorm.training.checkpoint import load_checkpoint
 
     if source.is_file():
-        return _view_of_checkpoint(load_checkpoint(source), source)
+        return _view_of_checkpoint(load_checkpoint(source), source, data)
     if not source.is_dir():
         raise ValueError(f"no run folder, checkpoint or bench folder at {source}")
     record_path = source / "metrics.json"
@@ -93,22 +106,23 @@ def load_run_view(source: Path) -> RunView:
     record = json.loads(record_path.read_text(encoding="utf-8"))
     view = _view_of_record(record, record_path)
     checkpoint = _checkpoint_in(source)
+    if checkpoint is None and data is not None:
+        raise ValueError(f"--data is read to score a checkpoint again, and {source} has none")
     if checkpoint is None:
         view.notes.append("No checkpoint in the run folder (train --save DIR/model.pt), so no calibration plot.")
     else:
-        view.scored = _view_of_checkpoint(load_checkpoint(checkpoint), checkpoint).scored
+        view.scored = _view_of_checkpoint(load_checkpoint(checkpoint), checkpoint, data).scored
         view.facts["checkpoint"] = str(checkpoint)
     return view
 
 
-def _view_of_checkpoint(checkpoint: Any, path: Path) -> RunView:
+def _view_of_checkpoint(checkpoint: Any, path: Path, data_file: str | Path | None = None) -> RunView:
     """Score the test split the checkpoint's run was evaluated on and compute metrics and rates from it."""
     import torch
 
-    from groupmixnorm.experiments.spec import load_run_data
     from groupmixnorm.training.loop import evaluate, named_group_rates, to_tensors
 
-    data = load_run_data(checkpoint.spec)
+    data = checkpoint.run_data(data_file)
     metrics, scores = evaluate(checkpoint.method, checkpoint.model, to_tensors(data.test, torch.device("cpu")))
     rates = named_group_rates(data, data.test.y, scores, data.test.a)
     scored = pd.DataFrame({"y": data.test.y, "score": scores,
@@ -132,9 +146,41 @@ def _view_of_record(record: dict[str, Any], path: Path) -> RunView:
              "dataset": dataset["name"], "protected attribute": dataset["sensitive"],
              "groups": ", ".join(dataset["group_names"]), "split": dataset["protocol"],
              "test rows": str(dataset["rows"]["test"]), "seed": str(record["seed"]),
-             "selected epoch": str(record["selected_epoch"]), "command": record.get("command", "")}
-    metrics = {key: record[key] for key in METRIC_KEYS}
+             "selected epoch": f"{record['selected_epoch'] + 1} of {len(record['history'])}",
+             "command": record.get("command", "")}
+    metrics = {key: record[key] for key in METRIC_KEYS if key in record}  # older runs measured fewer
     return RunView(f"Fairness report: {record['method']} on {dataset['name']}", facts, metrics, rates)
+
+
+def bench_data(folder: Path) -> tuple[str, str]:
+    """The data set and protected attribute that the runs of a bench folder trained on, read from the
+    ``groupmixnorm train`` commands in its ``runs.csv``; ``ValueError`` unless they all name the same."""
+    runs = pd.read_csv(folder / "runs.csv")
+    commands = runs["command"].dropna().unique() if "command" in runs else []
+    found = {_data_of(command) for command in commands}
+    if len(found) != 1 or None in found:
+        named = ", ".join(sorted(f"{d} ({s})" for d, s in (pair for pair in found if pair is not None))) or "none"
+        raise ValueError(f"--bench {folder}: the commands in its runs.csv do not name one data set and protected "
+                         f"attribute (--dataset, --sensitive; found {named}), so it cannot be matched to the run")
+    return found.pop()
+
+
+def _data_of(command: str) -> tuple[str, str] | None:
+    """``(--dataset, --sensitive)`` of a ``groupmixnorm train`` command, or ``None`` without either."""
+    words = shlex.split(command)
+    values = [words[words.index(flag) + 1] if flag in words[:-1] else None for flag in ("--dataset", "--sensitive")]
+    return None if None in values else (values[0], values[1])
+
+
+def _check_same_data(view: RunView, bench: Path) -> None:
+    """A bench's trade-off plots belong in a run's report only if both trained on the same data set and
+    protected attribute."""
+    dataset, sensitive = bench_data(bench)
+    run = (view.facts["dataset"], view.facts["protected attribute"])
+    if (dataset, sensitive) != run:
+        raise ValueError(f"--bench {bench} trained on {dataset} (protected attribute {sensitive}), the run on "
+                         f"{run[0]} (protected attribute {run[1]}): a bench's trade-off plots compare runs of the "
+                         "same data set only")
 
 
 def _checkpoint_in(folder: Path) -> Path | None:
@@ -185,6 +231,12 @@ def gap_table(rates: pd.DataFrame, metrics: dict[str, float]) -> pd.DataFrame:
         ("mean score of positives (eopp_gap)", metrics["eopp_gap"]),
         ("mean scores given each label, summed (eodds_gap)", metrics["eodds_gap"]),
     ]
+    threshold_free = [
+        ("selection rate at any threshold (KS distance, dp_ks)", "dp_ks"),
+        ("selection rate at any threshold within each label (eodds_ks)", "eodds_ks"),
+        ("score CDFs, area between them (abcc)", "abcc"),
+    ]
+    rows += [(label, metrics[key]) for label, key in threshold_free if key in metrics]  # older runs lack them
     return pd.DataFrame(rows, columns=["between groups, largest difference of", "gap"]).set_index(
         "between groups, largest difference of")
 

@@ -5,9 +5,12 @@ on the test split, three measurements:
 
 - **probes**: a logistic regression and a small MLP trained to recover the protected group from the
   layer's features on one half of the test rows (stratified by group) and scored on the other half, by
-  balanced accuracy and AUC (one-vs-rest, macro, for more than two groups). Balanced accuracy near
-  ``1 / G`` (0.5 for two groups) means the features hold no recoverable trace of the attribute; the
-  reported ``probe_*`` numbers are the stronger probe's.
+  balanced accuracy and AUC (one-vs-rest, macro, for more than two groups). AUC is also taken either way
+  round, ``max(AUC, 1 - AUC)`` (per group, then averaged): a probe whose scores order the groups the wrong
+  way still shows they differ. That AUC near 0.5 (and balanced accuracy near ``1 / G``) means the features
+  hold no recoverable trace of the attribute; the reported ``probe_*`` numbers are those of the probe with
+  the higher AUC either way round. A group with fewer than :data:`MIN_PROBE_ROWS` rows in the scoring half
+  is warned about (:class:`ProbeRowsWarning`): its numbers are noisy.
 - **MMD**: the unbiased squared maximum mean discrepancy between groups (each group against the rest; the
   largest over groups) with an RBF kernel on standardized features, bandwidth by the median heuristic,
   and a permutation p-value (group labels shuffled, the kernel matrix reused).
@@ -32,10 +35,18 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from groupmixnorm.data.csv import DataWarning
 from groupmixnorm.training import write_json_atomic
 from groupmixnorm.training.records import atomic_output
 
 EMBEDDINGS = ("pca", "tsne")
+#: Rows of a group in the probes' scoring half below which their numbers are too noisy to read much into.
+MIN_PROBE_ROWS = 50
+
+
+class ProbeRowsWarning(DataWarning):
+    """A group has too few rows in the probes' scoring half for their balanced accuracy and AUC to be reliable
+    (a warning about the data: the command line prints it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,12 @@ class AnalysisOptions:
 
 
 def layer_representations(model: nn.Module, forward: Any, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Features of every ReLU, every GroupMixNorm layer and the output, named in forward order.
+    """Features of every ReLU, every GroupMixNorm layer and the output, named in forward order, the output
+    last.
 
-    ``forward(x)`` runs the model (so that methods that route groups can do so). Image features
-    ``(N, C, H, W)`` are averaged over the spatial axes.
+    ``forward(x)`` runs the model (so that methods that route groups can do so). A tensor is reported once:
+    when the output is a layer's output itself (a GroupMixNorm layer on the logit), it keeps that layer's
+    name instead of ``logit``. Image features ``(N, C, H, W)`` are averaged over the spatial axes.
     """
     from groupmixnorm.nn.modules import _GroupMixNorm
 
@@ -76,11 +89,29 @@ def layer_representations(model: nn.Module, forward: Any, x: torch.Tensor) -> di
             handles.append(module.register_forward_hook(capture("groupmixnorm")))
     try:
         with torch.no_grad():
-            captured["logit"] = forward(x).detach().reshape(len(x), -1)
+            output = forward(x).detach().reshape(len(x), -1)
     finally:
         for handle in handles:
             handle.remove()
+    captured = _once_each(captured)
+    same = next((name for name, value in captured.items() if _same_tensor(value, output)), None)
+    captured[same or "logit"] = captured.pop(same) if same else output  # the output goes last
     return {name: _as_rows(value) for name, value in captured.items()}
+
+
+def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory, element for element (``detach`` and ``reshape``
+    keep the memory)."""
+    return first.data_ptr() == second.data_ptr() and first.numel() == second.numel()
+
+
+def _once_each(captured: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``captured`` without the later names of a tensor seen before (a module hooked twice)."""
+    kept: dict[str, torch.Tensor] = {}
+    for name, value in captured.items():
+        if not any(_same_tensor(value, other) for other in kept.values()):
+            kept[name] = value
+    return kept
 
 
 def _as_rows(features: torch.Tensor) -> np.ndarray:
@@ -89,11 +120,18 @@ def _as_rows(features: torch.Tensor) -> np.ndarray:
     return features.reshape(len(features), -1).double().cpu().numpy()
 
 
+def probe_halves(groups: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the probes' training half and scoring half (stratified by group, seeded)."""
+    train, test = train_test_split(np.arange(len(groups)), test_size=0.5, stratify=groups, random_state=seed)
+    return train, test
+
+
 def probe_scores(features: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Balanced accuracy and AUC of a logistic-regression and an MLP probe that predict ``groups``
-    from ``features``, trained on a stratified half and scored on the other half."""
-    train_x, test_x, train_a, test_a = train_test_split(features, groups, test_size=0.5, stratify=groups,
-                                                        random_state=seed)
+    """Balanced accuracy, AUC and AUC either way round (see the module's note) of a logistic-regression and
+    an MLP probe that predict ``groups`` from ``features``, trained on a stratified half and scored on the
+    other half (:func:`probe_halves`)."""
+    train, test = probe_halves(groups, seed)
+    train_x, test_x, train_a, test_a = features[train], features[test], groups[train], groups[test]
     scaler = StandardScaler().fit(train_x)
     train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
     probes = {
@@ -110,8 +148,28 @@ def probe_scores(features: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> 
         auc = (roc_auc_score(test_a, probabilities[:, 1]) if probabilities.shape[1] == 2
                else roc_auc_score(test_a, probabilities, multi_class="ovr", average="macro"))
         scores[name] = {"balanced_accuracy": float(balanced_accuracy_score(test_a, probe.predict(test_x))),
-                        "auc": float(auc)}
+                        "auc": float(auc), "auc_either_way": _auc_either_way(test_a, probabilities, probe.classes_)}
     return scores
+
+
+def _auc_either_way(groups: np.ndarray, probabilities: np.ndarray, classes: np.ndarray) -> float:
+    """``max(AUC, 1 - AUC)`` of the probe's scores; for more than two groups, of each group against the
+    rest, averaged."""
+    if probabilities.shape[1] == 2:
+        auc = roc_auc_score(groups == classes[1], probabilities[:, 1])
+        return float(max(auc, 1.0 - auc))
+    per_group = [roc_auc_score(groups == group, probabilities[:, column]) for column, group in enumerate(classes)]
+    return float(np.mean([max(auc, 1.0 - auc) for auc in per_group]))
+
+
+def strongest_probe(probes: dict[str, dict[str, float]]) -> tuple[str, float]:
+    """The probe with the highest AUC either way round (ties: the higher balanced accuracy) and that AUC.
+    Probes recorded without ``auc_either_way`` (older analyses of two groups) take ``max(auc, 1 - auc)``."""
+    def either_way(score: dict[str, float]) -> float:
+        return score.get("auc_either_way", max(score["auc"], 1.0 - score["auc"]))
+
+    name = max(probes, key=lambda probe: (either_way(probes[probe]), probes[probe]["balanced_accuracy"]))
+    return name, float(either_way(probes[name]))
 
 
 def mmd_test(features: np.ndarray, groups: np.ndarray, *, permutations: int = 200, seed: int = 0) -> tuple[float, float]:
@@ -187,20 +245,34 @@ def analyze_split(model: nn.Module, method: Any, x: torch.Tensor, y: np.ndarray,
     model.eval()
     groups = torch.as_tensor(a)
     representations = layer_representations(model, lambda inputs: method.predict_logits(model, inputs, groups), x)
+    _warn_few_probe_rows(a, group_names, options.seed)
     mmd_rows = _per_group_subsample(a, options.mmd_rows_per_group, options.seed)
+    output = list(representations)[-1]
     results = {}
     for name, features in representations.items():
         probes = probe_scores(features, a, seed=options.seed)
-        strongest = max(probes.values(), key=lambda score: score["balanced_accuracy"])
+        strongest, auc = strongest_probe(probes)
         mmd, p_value = mmd_test(features[mmd_rows], a[mmd_rows], permutations=options.permutations, seed=options.seed)
         results[name] = {
-            "probe_balanced_accuracy": strongest["balanced_accuracy"], "probe_auc": strongest["auc"],
+            "probe": strongest, "probe_balanced_accuracy": probes[strongest]["balanced_accuracy"], "probe_auc": auc,
             "mmd": mmd, "mmd_p_value": p_value, "probes": probes, "features": int(features.shape[1]),
+            "output": name == output,
         }
         if plots_dir is not None:
             plot_embedding(features, a, y, plots_dir / f"embedding_{name}.png", title=name, group_names=group_names,
                            method=options.embedding, seed=options.seed)
     return results
+
+
+def _warn_few_probe_rows(groups: np.ndarray, group_names: list[str], seed: int) -> None:
+    """One :class:`ProbeRowsWarning` naming each group with fewer than :data:`MIN_PROBE_ROWS` scoring rows."""
+    values, counts = np.unique(groups[probe_halves(groups, seed)[1]], return_counts=True)
+    small = [f"{group_names[int(value)]!r} ({count} rows)" for value, count in zip(values, counts)
+             if count < MIN_PROBE_ROWS]
+    if small:
+        warnings.warn(f"the probes are scored on half the analyzed rows, and there group {', '.join(small)} has "
+                      f"fewer than {MIN_PROBE_ROWS}: its balanced accuracy and AUC are noisy",
+                      ProbeRowsWarning, stacklevel=3)
 
 
 def _subsample(groups: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -218,17 +290,17 @@ def _per_group_subsample(groups: np.ndarray, per_group: int, seed: int) -> np.nd
 
 
 def analyze_checkpoint(checkpoint_path: str | Path, out: str | Path | None, *,
-                       options: AnalysisOptions = AnalysisOptions()) -> dict[str, Any]:
+                       options: AnalysisOptions = AnalysisOptions(),
+                       data_file: str | Path | None = None) -> dict[str, Any]:
     """Analyze a checkpoint written by ``groupmixnorm train --save`` on its run's test split; write
     ``out/analysis.json`` and ``out/embedding_<layer>.png`` (nothing if ``out`` is ``None``) and return
-    the analysis."""
-    from groupmixnorm.experiments.spec import load_run_data
+    the analysis. ``data_file``: a copy of a CSV run's training file (checked by its sha256)."""
     from groupmixnorm.training.checkpoint import load_checkpoint
 
     if options.embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {options.embedding!r}")
     checkpoint = load_checkpoint(checkpoint_path)
-    data = load_run_data(checkpoint.spec)
+    data = checkpoint.run_data(data_file)
     test = data.test
     layers = analyze_split(
         checkpoint.model, checkpoint.method, torch.as_tensor(test.X, dtype=torch.float32), test.y, test.a,

@@ -6,17 +6,21 @@ from typing import Any
 
 from groupmixnorm.methods.adversarial import AdversarialDebiasing
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, method_fields
+from groupmixnorm.methods.dependence import HSICPenalty, PrejudiceRemover
 from groupmixnorm.methods.erm import ERM
 from groupmixnorm.methods.expgrad import ExponentiatedGradientMethod
 from groupmixnorm.methods.fairmixup import FairMixup
+from groupmixnorm.methods.fairret_peer import FairretPenalty
 from groupmixnorm.methods.gapreg import GapRegularization
 from groupmixnorm.methods.gmn import GroupMixNormMethod
 from groupmixnorm.methods.models import build_cnn, build_mlp, build_network
+from groupmixnorm.methods.scorematch import ScoreMatching
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         ERM, GroupMixNormMethod, GapRegularization, AdversarialDebiasing, FairMixup, ExponentiatedGradientMethod,
+        HSICPenalty, PrejudiceRemover, ScoreMatching, FairretPenalty,
     )
 }
 
@@ -34,6 +38,7 @@ def make_method(name: str, **options: Any) -> Method:
 
 
 __all__ = [
-    "METHODS", "AdversarialDebiasing", "Batch", "ERM", "ExponentiatedGradientMethod", "FairMixup", "GapRegularization",
-    "GroupMixNormMethod", "Method", "ModelSpec", "build_cnn", "build_mlp", "build_network", "make_method",
+    "METHODS", "AdversarialDebiasing", "Batch", "ERM", "ExponentiatedGradientMethod", "FairMixup", "FairretPenalty", "GapRegularization",
+    "GroupMixNormMethod", "HSICPenalty", "Method", "ModelSpec", "PrejudiceRemover", "ScoreMatching", "build_cnn",
+    "build_mlp", "build_network", "make_method",
 ]

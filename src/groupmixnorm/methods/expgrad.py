@@ -79,7 +79,9 @@ class ExponentiatedGradientMethod(Method):
 def expected_prediction(fitted: ExponentiatedGradient, X: np.ndarray) -> np.ndarray:
     """Probability that the fitted randomized classifier predicts 1 on each row of ``X`` (float64)."""
     with _single_blas_thread():
-        return np.asarray(fitted._pmf_predict(X)[:, 1], dtype=np.float64)
+        probability = np.asarray(fitted._pmf_predict(X)[:, 1], dtype=np.float64)
+    # A weighted sum of the predictors' votes: rounding can put it a hair outside [0, 1] (seen on Adult).
+    return np.clip(probability, 0.0, 1.0)
 
 
 def _rows(X: np.ndarray) -> np.ndarray:

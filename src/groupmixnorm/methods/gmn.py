@@ -30,7 +30,9 @@ class GroupMixNormMethod(Method):
     alpha: float = option(1.0, "concentration of the Dirichlet/Beta mixing weights")
     p: float = option(1.0, "probability that a training batch is mixed (else treated as one group)")
     placement: str = option(
-        "logit", "where the layers go: all hidden blocks, first, last, head (the output layer's input), or a list like 1,head"
+        "logit", "where the layers go: logit (one layer on the output itself), all hidden blocks, the first or last "
+        "block, head (the output layer's input), or a comma-separated list of block indices (from 0), head and "
+        "logit, like 0,logit"
     )
     eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group"))
     output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))

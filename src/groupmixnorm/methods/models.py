@@ -40,17 +40,18 @@ def build_mlp(
     if not hidden:
         raise ValueError("hidden must name at least one layer width")
     normalized, extra = _placement_indices(placement, len(hidden))
+    absorbs = _absorbs_bias(norm, norm_options or {})
     layers: list[nn.Module] = []
     width = in_features
     for index, out in enumerate(hidden):
-        layers.append(nn.Linear(width, out))
+        layers.append(nn.Linear(width, out, bias=not (absorbs and index in normalized)))
         if norm != "none" and index in normalized:
             layers.append(_norm_layer(norm, out, num_groups, norm_options or {}))
         layers.append(nn.ReLU())
         width = out
     if norm != "none" and HEAD in extra:
         layers.append(_norm_layer(norm, width, num_groups, norm_options or {}))
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, 1, bias=not (absorbs and LOGIT in extra)))
     if norm != "none" and LOGIT in extra:
         layers.append(_norm_layer(norm, 1, num_groups, norm_options or {}))
     return nn.Sequential(*layers)
@@ -94,10 +95,11 @@ def build_cnn(
     if not channels:
         raise ValueError("channels must name at least one convolution block")
     normalized, extra = _placement_indices(placement, len(channels))
+    absorbs = _absorbs_bias(norm, norm_options or {})
     layers: list[nn.Module] = []
     width, size = input_shape[0], min(input_shape[1:])
     for index, out in enumerate(channels):
-        layers.append(nn.Conv2d(width, out, kernel_size=3, padding=1))
+        layers.append(nn.Conv2d(width, out, kernel_size=3, padding=1, bias=not (absorbs and index in normalized)))
         if norm != "none" and index in normalized:
             layers.append(_norm_layer(norm, out, num_groups, norm_options or {}, image=True))
         layers.append(nn.ReLU())
@@ -108,10 +110,24 @@ def build_cnn(
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if norm != "none" and HEAD in extra:
         layers.append(_norm_layer(norm, width, num_groups, norm_options or {}))
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, 1, bias=not (absorbs and LOGIT in extra)))
     if norm != "none" and LOGIT in extra:
         layers.append(_norm_layer(norm, 1, num_groups, norm_options or {}))
     return nn.Sequential(*layers)
+
+
+def _absorbs_bias(norm: NormKind, options: dict[str, Any]) -> bool:
+    """Whether the normalization layer removes any per-channel shift of its input in training, so that a
+    bias just before it has a gradient that is zero in exact arithmetic.
+
+    Such a bias is left out (as is usual before batch normalization): Adam rescales its rounding-noise
+    gradient into steps of size ``lr`` in random directions, which moves the running statistics and makes
+    runs that differ only in summation order (one process against several) drift apart. GroupMixNorm
+    with ``output_scale="mixed"`` keeps the input's units, so the shift passes through and the bias stays.
+    """
+    if norm == "batchnorm":
+        return True
+    return norm == "groupmixnorm" and options.get("output_scale", "batch") == "batch"
 
 
 def _norm_layer(

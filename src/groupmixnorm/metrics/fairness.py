@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-METRIC_NAMES = ("accuracy", "ap", "dp_gap", "eopp_gap", "eodds_gap", "dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard")
-
 _LABEL_NAMES = {0: "negative", 1: "positive"}
 
 
@@ -216,6 +214,33 @@ def eodds_gap_hard(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5
     return max(_spread(_means_given_label(predicted, y, g, label=label)) for label in (0, 1))
 
 
+def dp_ratio(scores: Any, groups: Any, threshold: float = 0.5) -> float:
+    """Smallest selection rate divided by the largest: the four-fifths rule's ratio.
+
+    Equals fairlearn's ``demographic_parity_ratio`` of the predictions ``scores >= threshold``, except when
+    no one is selected: fairlearn then gives NaN, and this gives 1.0 (every group has the largest rate, so
+    the four-fifths rule holds).
+
+    Parameters
+    ----------
+    scores : array-like of shape (n,)
+        Predicted scores.
+    groups : array-like of shape (n,)
+        Sensitive attribute, at least two distinct values.
+    threshold : float, default 0.5
+        Decision threshold.
+
+    Returns
+    -------
+    float
+        ``min_a P(s >= t | A=a) / max_a P(s >= t | A=a)``, in [0, 1]; 0.8 or more passes the rule.
+    """
+    s, g = _scores(scores), _groups(groups)
+    _same_length(scores=s, groups=g)
+    rates = _group_means(_predict(s, threshold), g)
+    return 1.0 if rates.max() == 0 else float(rates.min() / rates.max())
+
+
 # ----------------------------------------------------------------------------------------- summaries
 
 
@@ -261,39 +286,6 @@ def group_rates(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -
     }).sort_index()
     table.index.name = "group"
     return table.astype({"count": int, "positives": int})
-
-
-def fairness_report(y_true: Any, scores: Any, groups: Any, threshold: float = 0.5) -> dict[str, float]:
-    """All headline metrics at once.
-
-    Parameters
-    ----------
-    y_true : array-like of shape (n,)
-        Binary labels (0/1 or booleans).
-    scores : array-like of shape (n,)
-        Predicted scores, normally in [0, 1].
-    groups : array-like of shape (n,)
-        Sensitive attribute, at least two distinct values, each with positive and negative samples.
-    threshold : float, default 0.5
-        Decision threshold of ``accuracy`` and the hard gaps.
-
-    Returns
-    -------
-    dict of str to float
-        Keys ``accuracy, ap, dp_gap, eopp_gap, eodds_gap, dp_gap_hard, eopp_gap_hard, eodds_gap_hard``
-        (:data:`METRIC_NAMES`), values plain Python floats.
-    """
-    y, s, g = _validated(y_true, scores, groups)
-    return {
-        "accuracy": accuracy(y, s, threshold),
-        "ap": average_precision(y, s),
-        "dp_gap": dp_gap(s, g),
-        "eopp_gap": eopp_gap(y, s, g),
-        "eodds_gap": eodds_gap(y, s, g),
-        "dp_gap_hard": dp_gap_hard(s, g, threshold),
-        "eopp_gap_hard": eopp_gap_hard(y, s, g, threshold),
-        "eodds_gap_hard": eodds_gap_hard(y, s, g, threshold),
-    }
 
 
 # ------------------------------------------------------------------------------------------- helpers

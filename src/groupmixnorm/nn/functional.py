@@ -611,9 +611,21 @@ def group_mix_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     output_scale: OutputScale = "batch",
-    moments: GroupMoments | None = None,
 ) -> Tensor:
     """Normalize each group with its own statistics and re-scale all samples with mixed statistics.
+
+    This is the layer's math written plainly, in ordinary autograd: it supports double backward and
+    ``torch.compile``. The layers use a fused equivalent (:func:`fused_group_mix_norm`, tested against this
+    one) for speed, and this one inside :func:`~groupmixnorm.nn.use_reference` and compiled graphs.
+
+    With ``mu_g, sigma_g`` the statistics of sample n's group (:func:`plain_group_moments`, with the
+    batch's in place of a group's that has fewer than two values per channel) and
+    ``mu_mix = sum_g w_g mu_g``, ``sigma_mix = sum_g w_g sigma_g``::
+
+        y = sigma_mix * (x - mu_g) / sigma_g + mu_mix                       (output_scale="mixed")
+        y = (sigma_mix * (x - mu_g) / sigma_g + mu_mix - mu_B) / sigma_B    (output_scale="batch")
+
+    then ``y * weight + bias``.
 
     Parameters
     ----------
@@ -631,25 +643,73 @@ def group_mix_norm(
     eps : float
         Added to every variance before the square root.
     output_scale : {"batch", "mixed"}
-        ``"mixed"`` returns ``sigma_mix * (x - mu_g) / sigma_g + mu_mix`` (the paper's layer, in the units
-        of the input). ``"batch"`` additionally expresses that result in units of the whole batch's
-        statistics, ``(. - mu_batch) / sigma_batch``, which makes the layer a drop-in replacement for batch
+        ``"mixed"`` is the paper's layer, in the units of the input. ``"batch"`` expresses that result in
+        units of the whole batch's statistics, which makes the layer a drop-in replacement for batch
         normalization: with a single group it *is* batch normalization.
-    moments : GroupMoments, optional
-        Precomputed :func:`group_moments` of ``x``. Without them a shared mixture runs as one fused
-        autograd function that computes the moments itself (the fastest path).
 
     Returns
     -------
     Tensor
         Same shape as ``x``. In each channel every group leaves with the same mean and standard
         deviation when ``mixing`` is shared.
-
-    Notes
-    -----
-    The gradients are exact but hand-written, so they cannot be differentiated again (no double
-    backward).
     """
+    moments = plain_group_moments(x, groups, num_groups)
+    return mix_normalize(x, groups, mixing, moments, eps=eps, output_scale=output_scale, weight=weight, bias=bias)
+
+
+def plain_group_moments(x: Tensor, groups: Tensor, num_groups: int) -> GroupMoments:
+    """:func:`group_moments` in ordinary autograd (two passes: the mean, then the centred second moment)."""
+    counts = torch.bincount(groups, minlength=num_groups).to(x.dtype) * _values_per_sample(x)
+    per_count = counts.clamp_min(1).unsqueeze(1)
+    mean = x.new_zeros(num_groups, x.shape[1]).index_add(0, groups, _per_sample_channel_sums(x)) / per_count
+    centred = (x - _broadcast_rows(mean[groups], x)).square()
+    var = x.new_zeros(num_groups, x.shape[1]).index_add(0, groups, _per_sample_channel_sums(centred)) / per_count
+    shares = counts / counts.sum()
+    batch_mean = shares @ mean
+    batch_var = shares @ ((mean - batch_mean).square() + var)
+    return GroupMoments(counts, mean, var, batch_mean, batch_var)
+
+
+def mix_normalize(
+    x: Tensor,
+    groups: Tensor,
+    mixing: Tensor,
+    moments: GroupMoments,
+    *,
+    eps: float,
+    output_scale: OutputScale,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    """The second half of :func:`group_mix_norm`, from given moments, in ordinary autograd."""
+    table_mean, table_std = statistics_table(moments, eps)
+    mixed_mean, mixed_std = mixing @ table_mean, mixing @ table_std
+    if mixing.dim() == 1:
+        mixed_mean, mixed_std = mixed_mean.unsqueeze(0), mixed_std.unsqueeze(0)
+    own_mean, own_std = _broadcast_rows(table_mean[groups], x), _broadcast_rows(table_std[groups], x)
+    y = _broadcast_rows(mixed_std.expand(x.shape[0], -1), x) * (x - own_mean) / own_std
+    y = y + _broadcast_rows(mixed_mean.expand(x.shape[0], -1), x)
+    if output_scale == "batch":
+        reference_mean = _broadcast_rows(moments.batch_mean.unsqueeze(0), x)
+        y = (y - reference_mean) / _broadcast_rows(torch.sqrt(moments.batch_var + eps).unsqueeze(0), x)
+    return apply_affine(y, weight, bias)
+
+
+def fused_group_mix_norm(
+    x: Tensor,
+    groups: Tensor,
+    mixing: Tensor,
+    *,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    output_scale: OutputScale = "batch",
+    moments: GroupMoments | None = None,
+) -> Tensor:
+    """:func:`group_mix_norm` through the hand-written autograd functions: the same values and gradients,
+    several times faster on small batches, first derivatives only. Precomputed :func:`group_moments` of
+    ``x`` may be passed; without them a shared mixture runs as one fused function that computes them."""
     counts, segments = _counts_and_segments(groups, num_groups, _values_per_sample(x), x.dtype)
     if moments is None and mixing.dim() == 1:
         return _shared_mix_norm(x, segments, counts, mixing, eps, output_scale, weight, bias)[0]
@@ -816,6 +876,26 @@ def alignment_penalty(
     if covariance:
         penalty = penalty + _covariance_penalty(x, groups, moments, batch_std, shares)
     return penalty
+
+
+def conditional_alignment_penalty(
+    x: Tensor, groups: Tensor, num_groups: int, condition: Tensor, *, eps: float, covariance: bool = False,
+    quantiles: int = 0,
+) -> Tensor:
+    """:func:`alignment_penalty` within each value of ``condition`` (the label, for equalized odds), the
+    parts weighted by their shares of the batch; values held by fewer than two samples are skipped."""
+    condition = condition.to(x.device).long()
+    total = x.new_zeros(())
+    for value in torch.unique(condition):  # a handful of label values, not groups
+        members = condition == value
+        if int(members.sum()) < 2:
+            continue
+        moments = group_moments(x[members], groups[members], num_groups)
+        share = members.to(x.dtype).mean()
+        total = total + share * alignment_penalty(
+            x[members], groups[members], moments, eps=eps, covariance=covariance, quantiles=quantiles
+        )
+    return total
 
 
 def quantile_alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, levels: int) -> Tensor:

@@ -13,13 +13,18 @@ import torch
 from torch import Tensor, nn
 
 from groupmixnorm.nn import functional as F
-from groupmixnorm.nn.routing import active_penalty_collector, current_groups
+from groupmixnorm.nn.routing import active_penalty_collector, current_groups, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
 EvalMode = Literal["population", "group"]
 _MIX_MODES = ("shared", "pairwise")
 _EVAL_MODES = ("population", "group")
 _OUTPUT_SCALES = ("batch", "mixed")
+
+
+class NonFiniteStatistics(ValueError):
+    """A training batch whose statistics are NaN or infinite: bad input, or (in a training loop that has
+    checked its data) a diverged model."""
 
 
 class _GroupMixNorm(nn.Module):
@@ -161,9 +166,23 @@ class _GroupMixNorm(nn.Module):
         total = x.shape[0] * values_per_sample  # every sample is in some group, so this is counts.sum()
         if total < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in training, got {tuple(x.shape)}")
-        counts, segments = F._counts_and_segments(groups, table_size, values_per_sample, x.dtype)
         collector = active_penalty_collector()
         apply_mix = self.p >= 1.0 or float(torch.rand(())) < self.p
+        if reference_requested():
+            out, moments = self._reference_train(x, groups, table_size, apply_mix, weight, bias, total)
+        else:
+            out, moments = self._fused_train(x, groups, table_size, apply_mix, weight, bias, total, collector is not None)
+        if collector is not None:
+            collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
+        return out
+
+    def _fused_train(
+        self, x: Tensor, groups: Tensor, table_size: int, apply_mix: bool, weight: Tensor | None,
+        bias: Tensor | None, total: int, with_moments: bool,
+    ) -> tuple[Tensor, F.GroupMoments | None]:
+        """The training step through the hand-written autograd functions (the fast path); the moments are
+        returned (differentiable) when ``with_moments`` or when they were needed anyway."""
+        counts, segments = F._counts_and_segments(groups, table_size, math.prod(x.shape[2:]), x.dtype)
         if apply_mix and self.mix == "shared":
             # The fast path: one fused autograd function computes the moments, the output and its gradient.
             all_eligible = F._all_eligible(counts)
@@ -171,7 +190,7 @@ class _GroupMixNorm(nn.Module):
             sink: list = []
             out, moments = F._shared_mix_norm(
                 x, segments, counts, mixing, self.eps, self.output_scale, weight, bias, all_eligible,
-                with_moments=collector is not None, sink=sink,
+                with_moments=with_moments, sink=sink,
             )
             self._check_finite(sink[0].moments, x)
             if self.track_running_stats:
@@ -191,9 +210,32 @@ class _GroupMixNorm(nn.Module):
                 mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
             if self.track_running_stats:
                 self._update_running_stats(moments, mixed, None, total)
-        if collector is not None:
-            collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
-        return out
+        return out, moments
+
+    def _reference_train(
+        self, x: Tensor, groups: Tensor, table_size: int, apply_mix: bool, weight: Tensor | None,
+        bias: Tensor | None, total: int,
+    ) -> tuple[Tensor, F.GroupMoments]:
+        """The training step in plain autograd (:func:`~groupmixnorm.nn.functional.group_mix_norm`'s
+        math), drawing the mixture as the fused path does: for double backward and compiled graphs."""
+        moments = F.plain_group_moments(x, groups, table_size)
+        self._check_finite(moments, x)
+        if not apply_mix:
+            out = self._as_single_group(x, moments)
+            mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
+        else:
+            if self.mix == "shared":
+                mixing = F.shared_mixing_weights(moments.counts, self.alpha)
+            else:
+                mixing = F.pairwise_mixing_weights(moments.counts, groups, self.alpha)
+            out = F.mix_normalize(x, groups, mixing, moments, eps=self.eps, output_scale=self.output_scale,
+                                  weight=weight, bias=bias)
+            table_mean, table_std = F.statistics_table(F.GroupMoments(*(t.detach() for t in moments)), self.eps)
+            average = mixing if mixing.dim() == 1 else mixing.mean(dim=0)
+            mixed = (average @ table_mean, average @ table_std)
+        if self.track_running_stats:
+            self._update_running_stats(F.GroupMoments(*(t.detach() for t in moments)), mixed, None, total)
+        return out, moments
 
     def _check_finite(self, moments: F.GroupMoments, x: Tensor) -> None:
         """Refuse a batch whose statistics are not finite, before they reach the running statistics.
@@ -205,7 +247,7 @@ class _GroupMixNorm(nn.Module):
         if math.isfinite(float(summary.sum(dtype=torch.float64))):  # three small ops on the common path
             return
         channels = torch.nonzero(~torch.isfinite(summary)).flatten()[:5].tolist()
-        raise ValueError(
+        raise NonFiniteStatistics(
             f"{type(self).__name__} got non-finite values in training: channel(s) {channels} have a NaN or "
             f"infinite mean or variance (NaN or inf in the input, or values whose squares overflow {x.dtype})"
         )
@@ -217,16 +259,7 @@ class _GroupMixNorm(nn.Module):
         options = {"eps": self.eps, "covariance": self.align_covariance, "quantiles": self.align_quantiles}
         if condition is None:
             return F.alignment_penalty(x, groups, moments, **options)
-        condition = condition.to(x.device).long()
-        total = x.new_zeros(())
-        for value in torch.unique(condition):  # a handful of label values, not groups
-            members = condition == value
-            if int(members.sum()) < 2:
-                continue
-            part_moments = F.group_moments(x[members], groups[members], table_size)
-            share = members.to(x.dtype).mean()
-            total = total + share * F.alignment_penalty(x[members], groups[members], part_moments, **options)
-        return total
+        return F.conditional_alignment_penalty(x, groups, table_size, condition, **options)
 
     def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
         """The layer as if the batch held one group: batch norm (``output_scale="batch"``), else identity."""
@@ -277,7 +310,7 @@ class _GroupMixNorm(nn.Module):
         if not bool(eligible.any()):
             eligible = moments.counts > 0
         mixing = eligible.to(x.dtype) / eligible.sum()
-        return F.group_mix_norm(
+        return F.fused_group_mix_norm(
             x, groups, mixing, num_groups=table_size, weight=_cast(self.weight, x.dtype),
             bias=_cast(self.bias, x.dtype), eps=self.eps, output_scale=self.output_scale, moments=moments,
         )

@@ -79,3 +79,36 @@ def collect_alignment(condition: Tensor | None = None) -> Iterator[AlignmentPena
 def active_penalty_collector() -> AlignmentPenalties | None:
     """The list of the innermost :func:`collect_alignment` block, or ``None``."""
     return _PENALTY_COLLECTOR.get()
+
+
+_USE_REFERENCE: ContextVar[bool] = ContextVar("groupmixnorm_reference", default=False)
+
+
+@contextmanager
+def use_reference() -> Iterator[None]:
+    """Make every GroupMixNorm layer trained inside the block compute with the plain-autograd formulation
+    (:func:`groupmixnorm.nn.functional.group_mix_norm`) instead of the fused one: the same values and
+    random draws, slower, and differentiable twice (for gradient penalties, ``torch.autograd.grad(...,
+    create_graph=True)``). Compiled graphs (``torch.compile``) use it on their own.
+
+    Examples
+    --------
+    >>> with use_groups(a), use_reference():
+    ...     (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    >>> grad.square().sum().backward()
+    """
+    token = _USE_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _USE_REFERENCE.reset(token)
+
+
+def reference_requested() -> bool:
+    """Whether layers should use the plain-autograd formulation: inside :func:`use_reference`, or while
+    ``torch.compile`` traces (the fused autograd functions cannot be traced)."""
+    import torch
+
+    # Compiling first: dynamo cannot trace ContextVar.get, and a graph break here would run this call
+    # eagerly, where is_compiling() is False.
+    return torch.compiler.is_compiling() or _USE_REFERENCE.get()

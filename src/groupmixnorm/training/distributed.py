@@ -43,6 +43,15 @@ class Workers:
         """This process's slice of a global batch of sample indices."""
         return index[self.rank :: self.world_size] if self.distributed else index
 
+    def sum_over_processes(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Each number summed over all processes (as is for one), so that every process logs the same
+        epoch means: those of the whole batches, not of its own slices."""
+        if not self.distributed or not values:
+            return values
+        total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return dict(zip(values, total.tolist()))
+
 
 def workers_from_environment(device: torch.device) -> Workers:
     """The process group ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,

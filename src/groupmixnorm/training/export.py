@@ -106,7 +106,7 @@ def preprocessing_spec(checkpoint: Any) -> dict[str, Any]:
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", len(transformer.get_feature_names_out())]},
         "outputs": {"logit": "log-odds of the positive label, shape (batch,)",
                     "probability": "sigmoid(logit), shape (batch,)"},
-        "threshold": 0.5,
+        "threshold": checkpoint.threshold,
         "raw_columns": list(checkpoint.input_columns),
         "missing_values": "numeric columns must be present; missing categories take the 'fill' value",
         "steps": [_step(name, fitted, columns) for name, fitted, columns in transformer.transformers_

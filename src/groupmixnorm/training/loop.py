@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from groupmixnorm.data import Split, TabularDataset
+from groupmixnorm.data.tabular import check_splits
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
 from groupmixnorm.metrics import fairness_report, group_rates
+from groupmixnorm.nn.modules import NonFiniteStatistics
 from groupmixnorm.training.distributed import Workers, check_method, workers_from_environment, wrap_model
 from groupmixnorm.training.resume import LoopState, ResumePoint, load_state, save_state
 from groupmixnorm.training.sampling import batch_indices
@@ -27,7 +29,8 @@ SAMPLING_CHOICES = ("auto", "random", "group", "group_label")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and batch."""
+    """The loss, or a normalization layer's batch statistics, became NaN or infinite; the message names the
+    epoch and batch, both counted from 1."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,10 @@ def train(
     ``resume.resume`` is set and a state exists, restored from there first, so the run continues exactly
     where it stopped (:mod:`groupmixnorm.training.resume`). A NaN or infinite loss raises
     :class:`TrainingDiverged` naming the epoch and batch; the saved state is then the last good epoch's.
+    Data that cannot be trained on or measured (see :func:`~groupmixnorm.data.tabular.check_splits`) is
+    refused before anything trains.
     """
+    check_splits(data)
     generator = seed_everything(config.seed)
     outside = _fit_outside_loop(method, data, config, on_epoch)
     if outside is not None:
@@ -231,19 +237,33 @@ def train_one_epoch(
     for step, index in enumerate(indices):
         if len(index) < 2 * workers.world_size:
             continue  # a trailing batch too small for batch statistics (on every process: all skip alike)
+        batch_size = len(index)
         index = workers.shard(index)
         batch = Batch(split.x[index], split.y[index], split.a[index])
-        loss, logs = method.training_loss(model, batch)
+        try:
+            loss, logs = method.training_loss(model, batch)
+        except NonFiniteStatistics as error:
+            if epoch == 0 and steps == 0:
+                raise  # no step taken yet: the model is as initialized, so the batch itself is at fault
+            # train() checked the data: after a step, non-finite statistics come from the weights.
+            raise _diverged(epoch, step, method, "a normalization layer's batch statistics became NaN or "
+                            "infinite") from error
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}, batch {step} (method {method.name})")
+            raise _diverged(epoch, step, method, f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         method.after_step(model, batch)
         for key, value in logs.items():
-            totals[key] = totals.get(key, 0.0) + value
+            # This process's share of the whole batch's mean; the shares are summed over processes below.
+            totals[key] = totals.get(key, 0.0) + value * len(index) / batch_size
         steps += 1
+    totals = workers.sum_over_processes(totals, split.x.device)
     return {f"train_{key}": value / max(steps, 1) for key, value in totals.items()}
+
+
+def _diverged(epoch: int, step: int, method: Method, what: str) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged at epoch {epoch + 1}, batch {step + 1} (method {method.name}): {what}")
 
 
 def _is_better(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,17 +31,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends normally it replaces ``path`` in one
-    rename, and when it fails it is removed. Whoever writes inside the block never leaves half a file."""
+    rename, and when it fails it is removed. Whoever writes inside the block never leaves half a file.
+
+    The file gets the mode that ``open(path, "w")`` would give it: an existing file's mode, else
+    ``0o666`` less the umask.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = _new_file_beside(target)
     try:
-        yield Path(temporary)
+        yield temporary
+        if target.exists():
+            os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def _new_file_beside(target: Path) -> Path:
+    """Create an empty, uniquely named file next to ``target`` with mode ``0o666`` less the umask (not
+    ``tempfile.mkstemp``'s ``0o600``, which would make every result private)."""
+    while True:
+        candidate = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
 
 
 def environment_versions() -> dict[str, str]:

@@ -1,0 +1,495 @@
+"""Fair by constraint: the most accurate model whose validation gaps meet the user's bounds.
+
+For each candidate method, its fairness knob is searched on the **validation** split by a seeded Optuna TPE
+sampler (log scale, ranges in :data:`KNOBS`), every method with the same number of trials. For each trial the
+decision threshold, one global value that needs no protected attribute, is chosen on validation among
+:data:`THRESHOLDS`. A trial is *feasible* when, for every bound, the upper end of the stratified bootstrap
+interval (95 %, seeded) of its validation gap is at most the bound (:func:`meets_bounds`): the margin that
+accounts for validation noise. The feasible trial with the best validation objective is chosen; only then,
+and only for it, is the test split scored (:func:`score_test`). During the search the training loop is
+handed the validation split in place of the test split, so no test row is seen before the choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from groupmixnorm.metrics import fairness_report
+from groupmixnorm.metrics.distribution import abcc, dp_ks, eodds_ks
+from groupmixnorm.metrics.fairness import (
+    accuracy, average_precision, dp_gap, dp_gap_hard, eodds_gap, eodds_gap_hard, eopp_gap, eopp_gap_hard,
+)
+from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval
+
+#: The gaps a bound may name: the soft, thresholded and threshold-free gaps of
+#: :func:`~groupmixnorm.metrics.fairness_report` (lower is fairer; ``dp_ratio`` is a ratio, not a gap).
+GAP_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, float], float]] = {
+    "dp_gap": lambda y, s, g, t: dp_gap(s, g),
+    "eopp_gap": lambda y, s, g, t: eopp_gap(y, s, g),
+    "eodds_gap": lambda y, s, g, t: eodds_gap(y, s, g),
+    "dp_gap_hard": lambda y, s, g, t: dp_gap_hard(s, g, t),
+    "eopp_gap_hard": lambda y, s, g, t: eopp_gap_hard(y, s, g, t),
+    "eodds_gap_hard": lambda y, s, g, t: eodds_gap_hard(y, s, g, t),
+    "dp_ks": lambda y, s, g, t: dp_ks(s, g),
+    "eodds_ks": lambda y, s, g, t: eodds_ks(y, s, g),
+    "abcc": lambda y, s, g, t: abcc(s, g),
+}
+#: The gaps that depend on the decision threshold.
+THRESHOLDED = frozenset({"dp_gap_hard", "eopp_gap_hard", "eodds_gap_hard"})
+#: What the search may maximise on validation.
+OBJECTIVES = ("ap", "accuracy")
+#: The global decision thresholds tried for every trial.
+THRESHOLDS = tuple(round(value, 2) for value in np.arange(0.05, 0.951, 0.05))
+#: Bootstrap settings of the feasibility rule and of the reported intervals.
+RESAMPLES, CONFIDENCE = 200, 0.95
+#: Below this standard deviation of the validation scores the model has collapsed to (nearly) one score.
+COLLAPSED_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A method's fairness option and the range its search covers (log scale)."""
+
+    name: str
+    low: float
+    high: float
+
+
+#: The searched knob of each method; a method not listed (erm) has none and trains once.
+KNOBS = {
+    "gmn": Knob("align", 0.1, 30.0),
+    "scorematch": Knob("lam", 0.1, 30.0),
+    "gapreg": Knob("lam", 0.1, 30.0),
+    "fairmixup": Knob("lam", 0.1, 30.0),
+    "adversarial": Knob("lam", 0.03, 10.0),
+    "hsic": Knob("lam", 1.0, 300.0),
+    "prem": Knob("lam", 0.3, 100.0),
+    "fairret": Knob("lam", 0.03, 10.0),
+    "expgrad": Knob("eps", 0.002, 0.1),  # a bound on the violation: smaller is fairer
+}
+
+
+class NoFeasibleModel(RuntimeError):
+    """No trial met every bound on validation; the message names the closest one."""
+
+
+# ----------------------------------------------------------------------------------------------- the bounds
+
+
+def parse_bound(text: str) -> tuple[str, float]:
+    """``"dp_gap_hard=0.05"`` as ``("dp_gap_hard", 0.05)``; ``ValueError`` names what is wrong."""
+    name, sign, value = text.partition("=")
+    name = name.strip()
+    if not sign or not name or not value.strip():
+        raise ValueError(f"--max-gap takes METRIC=BOUND, such as dp_gap_hard=0.05, got {text!r}")
+    if name not in GAP_METRICS:
+        raise ValueError(f"--max-gap {text!r}: {name!r} is not a gap metric; choose from {', '.join(GAP_METRICS)}")
+    try:
+        bound = float(value)
+    except ValueError:
+        raise ValueError(f"--max-gap {text!r}: the bound {value.strip()!r} is not a number") from None
+    if not 0.0 <= bound <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"--max-gap {text!r}: the bound must be in [0, 1], got {value.strip()}")
+    return name, bound
+
+
+def parse_bounds(texts: Sequence[str]) -> dict[str, float]:
+    """Every ``--max-gap``; naming one metric twice is an error rather than a silent choice."""
+    bounds: dict[str, float] = {}
+    for text in texts:
+        name, bound = parse_bound(text)
+        if name in bounds:
+            raise ValueError(f"--max-gap names {name} twice ({bounds[name]} and {bound}); give one bound per metric")
+        bounds[name] = bound
+    return bounds
+
+
+def target_fairness(bounds: Mapping[str, float]) -> str:
+    """What the methods should aim at: ``"eo"`` when every bound is on an equal-opportunity or equalized-odds
+    gap, else ``"dp"``."""
+    return "eo" if all(name.startswith(("eopp", "eodds")) for name in bounds) else "dp"
+
+
+def auto_methods() -> list[str]:
+    """The methods ``--methods auto`` searches: those that need no protected attribute at prediction and whose
+    models can be saved (expgrad's cannot), with their default options."""
+    from groupmixnorm.methods import METHODS
+
+    return [name for name, cls in sorted(METHODS.items()) if name != "expgrad" and not cls().uses_sensitive_at_prediction()]
+
+
+# ------------------------------------------------------------------------------------------- feasibility
+
+
+def meets_bounds(upper: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
+    """The feasibility rule: every bounded gap's CI upper end is at most its bound."""
+    return all(upper[name] <= bound for name, bound in bounds.items())
+
+
+def gap_interval(name: str, y: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, *,
+                 seed: int, resamples: int = RESAMPLES) -> Interval:
+    """Stratified bootstrap interval of one gap at ``threshold``."""
+    metric = GAP_METRICS[name]
+    return bootstrap_interval(lambda a, b, c: metric(a, b, c, threshold), y, scores, groups, resamples=resamples,
+                              confidence=CONFIDENCE, seed=seed)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The threshold of one trial, its validation numbers and whether it meets the bounds."""
+
+    threshold: float
+    ap: float
+    accuracy: float
+    gaps: dict[str, float]
+    upper: dict[str, float]
+    feasible: bool
+
+    def objective(self, select: str) -> float:
+        """The validation number the search maximises: ``"ap"`` or ``"accuracy"``."""
+        return self.ap if select == "ap" else self.accuracy
+
+
+def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, bounds: Mapping[str, float], *,
+                     seed: int, thresholds: Sequence[float] = THRESHOLDS) -> ThresholdChoice:
+    """The most accurate threshold of ``thresholds`` that meets the bounds on validation.
+
+    Thresholds are tried from the most accurate down; those whose point gaps already exceed a bound are
+    skipped, and the first whose CI upper ends meet every bound is kept. If none does, the one whose largest
+    point excess over a bound is smallest is returned, marked infeasible. A threshold that gives every
+    validation row the same prediction is never feasible: it meets any thresholded gap trivially, with a
+    classifier that decides nothing. AP does not depend on the threshold, nor do the threshold-free gaps:
+    those are bootstrapped once, first, and if one misses its bound no threshold is tried.
+    """
+    ap = average_precision(y, scores)
+    rows = [(t, accuracy(y, scores, t), {name: GAP_METRICS[name](y, scores, groups, t) for name in bounds})
+            for t in thresholds]
+    deciding = [row for row in rows if 0.0 < float(np.mean(scores >= row[0])) < 1.0]
+    cache: dict[tuple[str, float], float] = {}
+
+    def upper(name: str, t: float) -> float:
+        key = (name, t if name in THRESHOLDED else -1.0)
+        if key not in cache:
+            cache[key] = gap_interval(name, y, scores, groups, t, seed=seed).high
+        return cache[key]
+
+    free = [name for name in bounds if name not in THRESHOLDED]
+    if all(upper(name, 0.5) <= bounds[name] for name in free):
+        for t, acc, gaps in sorted(deciding, key=lambda row: -row[1]):  # stable: ties keep the grid's order
+            if all(gaps[name] <= bound for name, bound in bounds.items()) and \
+                    all(upper(name, t) <= bounds[name] for name in bounds if name in THRESHOLDED):
+                return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, True)
+    t, acc, gaps = min(deciding or rows, key=lambda row: (max(row[2][n] - b for n, b in bounds.items()), -row[1]))
+    return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, False)
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+
+Scorer = Callable[[Any], np.ndarray]
+
+
+@dataclass
+class Trial:
+    """One trained candidate: method, knob value, chosen threshold and validation numbers."""
+
+    method: str
+    knob: str | None
+    value: float | None
+    choice: ThresholdChoice
+    seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return self.choice.feasible
+
+    def row(self, bounds: Mapping[str, float]) -> dict[str, Any]:
+        """This trial as a row of ``front.csv``."""
+        row: dict[str, Any] = {"method": self.method, "knob": self.knob or "", "value": self.value,
+                               "threshold": self.choice.threshold, "val_ap": self.choice.ap,
+                               "val_accuracy": self.choice.accuracy}
+        for name in bounds:
+            row[f"val_{name}"] = self.choice.gaps[name]
+            row[f"val_{name}_upper"] = self.choice.upper[name]
+        row.update(feasible=self.feasible, seconds=self.seconds)
+        return row
+
+
+def fit_candidate(method: Any, data: Any, config: Any) -> tuple[Scorer, Any]:
+    """Train ``method`` with the loop's early stopping on validation AP, never showing it the test split
+    (the loop scores its "test" split at the end: it is handed the validation split there). Returns a
+    scorer of any split and the torch model (``None`` for a method fitted outside the loop)."""
+    from groupmixnorm.data.tabular import check_splits
+    from groupmixnorm.training import train
+    from groupmixnorm.training.loop import evaluate, seed_everything, to_tensors
+
+    masked = dataclasses.replace(data, test=data.val)
+    check_splits(masked)
+    seed_everything(config.seed)
+    outside = method.fit_outside_loop(masked, config.seed)
+    if outside is not None:
+        return (lambda split: np.asarray(outside(split.X), dtype=np.float64)), None
+    model = train(method, masked, config).model
+    return (lambda split: evaluate(method, model, to_tensors(split, config.device))[1]), model
+
+
+@dataclass
+class SearchResult:
+    """Every trial, the chosen one (``None`` if none was feasible), its scorer, method and model, and the
+    search time."""
+
+    trials: list[Trial]
+    chosen: Trial | None
+    scorer: Scorer | None
+    method: Any
+    model: Any
+    seconds: float
+
+
+def search(
+    data: Any,
+    methods: Mapping[str, dict[str, Any]],
+    bounds: Mapping[str, float],
+    *,
+    config: Any,
+    budget: int,
+    select: str = "ap",
+    on_trial: Callable[[Trial, Trial | None], None] | None = None,
+) -> SearchResult:
+    """Search each method's knob (``budget`` trials per method; one for a method without a knob) and pick
+    the feasible trial with the best validation ``select``. ``methods`` maps names to fixed options.
+    ``on_trial(trial, best_so_far)`` is called after every trial."""
+    import optuna
+
+    if budget < 1:
+        raise ValueError(f"--budget must be at least 1, got {budget}")
+    if select not in OBJECTIVES:
+        raise ValueError(f"the search maximises one of {OBJECTIVES}, got {select!r}")
+    started = time.perf_counter()
+    run = _Search(data, bounds, config, select, on_trial)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no log line per trial: the bar shows progress
+    try:
+        for name, options in methods.items():
+            run.search_method(name, options, budget)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return SearchResult(run.trials, run.best, run.scorer, run.method, run.model, time.perf_counter() - started)
+
+
+class _Search:
+    """The state of one search: the trials so far and the best feasible one, with its scorer and model."""
+
+    def __init__(self, data: Any, bounds: Mapping[str, float], config: Any, select: str,
+                 on_trial: Callable[[Trial, Trial | None], None] | None) -> None:
+        self.data, self.bounds, self.config, self.select, self.on_trial = data, bounds, config, select, on_trial
+        self.trials: list[Trial] = []
+        self.best: Trial | None = None
+        self.scorer: Scorer | None = None
+        self.method: Any = None
+        self.model: Any = None
+
+    def search_method(self, name: str, options: dict[str, Any], budget: int) -> None:
+        """``budget`` Optuna trials of one method's knob (one plain trial if it has none)."""
+        import optuna
+
+        knob = KNOBS.get(name)
+        if knob is None:
+            self.run_trial(name, options, None, None)
+            return
+
+        def objective(optuna_trial: Any) -> float:
+            value = optuna_trial.suggest_float(knob.name, knob.low, knob.high, log=True)
+            trial = self.run_trial(name, options, knob, value)
+            _set_constraints(optuna_trial, {n: trial.choice.upper[n] - b for n, b in self.bounds.items()})
+            return trial.choice.objective(self.select)
+
+        study = optuna.create_study(direction="maximize", sampler=_sampler(self.config.seed))
+        study.optimize(objective, n_trials=budget)
+
+    def run_trial(self, name: str, options: dict[str, Any], knob: Knob | None, value: float | None) -> Trial:
+        """Train one candidate, choose its threshold on validation and keep it if it is the best feasible."""
+        from groupmixnorm.methods import make_method
+
+        clock = time.perf_counter()
+        full = {**options, **({} if knob is None else {knob.name: value})}
+        method = make_method(name, **full)
+        scorer, model = fit_candidate(method, self.data, self.config)
+        val = self.data.val
+        choice = choose_threshold(val.y, scorer(val), val.a, self.bounds, seed=self.config.seed)
+        trial = Trial(name, knob.name if knob else None, value, choice, time.perf_counter() - clock, full)
+        self.trials.append(trial)
+        if trial.feasible and (self.best is None or
+                               choice.objective(self.select) > self.best.choice.objective(self.select)):
+            self.best, self.scorer, self.method, self.model = trial, scorer, method, model
+        if self.on_trial is not None:
+            self.on_trial(trial, self.best)
+        return trial
+
+
+def _sampler(seed: int) -> Any:
+    """A seeded TPE sampler that reads each trial's constraints (optuna 5's ``set_constraint``, or the
+    ``constraints_func`` of optuna 4)."""
+    import optuna
+
+    if hasattr(optuna.trial.Trial, "set_constraint"):
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constraints_func=lambda trial: trial.user_attrs["excess"])
+
+
+def _set_constraints(trial: Any, excess: Mapping[str, float]) -> None:
+    """Record ``upper end - bound`` per bound: <= 0 everywhere means feasible, as Optuna counts it."""
+    if hasattr(trial, "set_constraint"):
+        for name, value in excess.items():
+            trial.set_constraint(name, value)
+    else:
+        trial.set_user_attr("excess", list(excess.values()))
+
+
+def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float]) -> str:
+    """The one line for a search without a feasible trial: the trial whose largest excess is smallest."""
+    closest = min(trials, key=lambda t: max(t.choice.upper[n] - b for n, b in bounds.items()))
+    setting = "" if closest.knob is None else f" {closest.knob}={closest.value:.4g}"
+    ends = ", ".join(f"{n} upper end {closest.choice.upper[n]:.4f} > {b}" if closest.choice.upper[n] > b
+                     else f"{n} upper end {closest.choice.upper[n]:.4f} <= {b}" for n, b in bounds.items())
+    return (f"no candidate of {len(trials)} met every bound on validation (95% bootstrap upper end); closest: "
+            f"{closest.method}{setting} at threshold {closest.choice.threshold}: {ends}")
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def interval_dict(interval: Interval) -> dict[str, float]:
+    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high}
+
+
+def split_report(split: Any, scores: np.ndarray, threshold: float, bounds: Mapping[str, float], *,
+                 seed: int) -> dict[str, Any]:
+    """A split's metrics at ``threshold``, with bootstrap CIs for AP, accuracy and each bounded gap."""
+    y, g = split.y, split.a
+    report: dict[str, Any] = {"metrics": fairness_report(y, scores, g, threshold)}
+    intervals = {
+        "ap": bootstrap_interval(lambda a, s, c: average_precision(a, s), y, scores, g, resamples=RESAMPLES,
+                                 confidence=CONFIDENCE, seed=seed),
+        "accuracy": bootstrap_interval(lambda a, s, c: accuracy(a, s, threshold), y, scores, g,
+                                       resamples=RESAMPLES, confidence=CONFIDENCE, seed=seed),
+        **{name: gap_interval(name, y, scores, g, threshold, seed=seed) for name in bounds},
+    }
+    report["intervals"] = {name: interval_dict(value) for name, value in intervals.items()}
+    return report
+
+
+def score_test(result: SearchResult, data: Any, bounds: Mapping[str, float], *, seed: int) -> dict[str, Any]:
+    """Score the test split once, for the chosen model only; says whether each bound held on test."""
+    assert result.chosen is not None and result.scorer is not None
+    scores = result.scorer(data.test)
+    report = split_report(data.test, scores, result.chosen.choice.threshold, bounds, seed=seed)
+    report["held"] = {name: report["metrics"][name] <= bound for name, bound in bounds.items()}
+    return report
+
+
+def weak_model_warnings(split: Any, scores: np.ndarray, threshold: float) -> list[str]:
+    """Lines warning that the chosen model is no better than the majority class on validation, or that its
+    validation scores have collapsed."""
+    lines = []
+    majority = max(float(np.mean(split.y)), 1.0 - float(np.mean(split.y)))
+    chosen = accuracy(split.y, scores, threshold)
+    if chosen <= majority:
+        lines.append(f"the chosen model's validation accuracy {chosen:.4f} is no better than predicting the majority "
+                     f"class ({majority:.4f})")
+    spread = float(np.std(scores))
+    if spread < COLLAPSED_STD:
+        lines.append(f"the chosen model's validation scores have collapsed (standard deviation {spread:.4f} < "
+                     f"{COLLAPSED_STD}): it gives nearly every row the same score")
+    return lines
+
+
+def front_table(trials: Sequence[Trial], bounds: Mapping[str, float], chosen: Trial | None) -> Any:
+    """Every trial as a row (``front.csv``), with a ``chosen`` column."""
+    import pandas as pd
+
+    table = pd.DataFrame([trial.row(bounds) for trial in trials])
+    table["chosen"] = [trial is chosen for trial in trials]
+    return table
+
+
+def plot_front(table: Any, bounds: Mapping[str, float], select: str, path: Path) -> Path:
+    """Validation objective against each bounded gap's CI upper end: feasible points filled, the bound
+    dashed, the chosen point circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from groupmixnorm.training.records import atomic_output
+
+    figure, axes = plt.subplots(1, len(bounds), figsize=(5 * len(bounds), 4), squeeze=False)
+    for axis, (name, bound) in zip(axes[0], bounds.items()):
+        for method, rows in table.groupby("method", sort=True):
+            ok = rows[rows["feasible"]]
+            line = axis.scatter(ok[f"val_{name}_upper"], ok[f"val_{select}"], label=method)
+            bad = rows[~rows["feasible"]]
+            axis.scatter(bad[f"val_{name}_upper"], bad[f"val_{select}"], facecolors="none",
+                         edgecolors=line.get_facecolor(), alpha=0.6)
+        chosen = table[table["chosen"]]
+        axis.scatter(chosen[f"val_{name}_upper"], chosen[f"val_{select}"], s=250, facecolors="none",
+                     edgecolors="black", linewidths=2, label="chosen")
+        axis.axvline(bound, color="grey", linestyle="--", label=f"bound {bound}")
+        axis.set_xlabel(f"validation {name} (95% CI upper end)")
+        axis.set_ylabel(f"validation {select}")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle("trials (filled: every bound met)")
+    figure.tight_layout()
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+def summary_record(result: SearchResult, data: Any, bounds: Mapping[str, float], *, select: str, budget: int,
+                   seed: int, test: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """The JSON-ready ``metrics.json`` of a search whose choice was feasible."""
+    chosen = result.chosen
+    assert chosen is not None and result.scorer is not None
+    val = split_report(data.val, result.scorer(data.val), chosen.choice.threshold, bounds, seed=seed)
+    return {
+        "chosen": {"method": chosen.method, "knob": chosen.knob, "value": chosen.value, "options": chosen.options,
+                   "threshold": chosen.choice.threshold},
+        "bounds": dict(bounds),
+        "select": select,
+        "budget": budget,
+        "feasibility": f"every bound >= the upper end of the {CONFIDENCE:.0%} stratified bootstrap interval "
+                       f"({RESAMPLES} resamples, seed {seed}) of the validation gap",
+        "methods": sorted({trial.method for trial in result.trials}),
+        "trials": len(result.trials),
+        "feasible_trials": sum(trial.feasible for trial in result.trials),
+        "search_seconds": result.seconds,
+        "validation": val,
+        "test": test,
+        "held_on_test": test["held"],
+        "dataset": {"name": data.name, "sensitive": data.sensitive, "group_names": list(data.group_names),
+                    "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
+        "warnings": warnings,
+    }
+
+
+def format_choice(record: dict[str, Any]) -> str:
+    """A few lines for the terminal: the choice, and its test numbers with CIs against the bounds."""
+    chosen = record["chosen"]
+    setting = "" if chosen["knob"] is None else f" {chosen['knob']}={chosen['value']:.4g}"
+    lines = [f"chosen: {chosen['method']}{setting}, threshold {chosen['threshold']} "
+             f"({record['feasible_trials']} of {record['trials']} trials feasible, {record['search_seconds']:.1f} s)"]
+    for name, interval in record["test"]["intervals"].items():
+        bound = record["bounds"].get(name)
+        held = "" if bound is None else f"  bound {bound}: {'held' if record['held_on_test'][name] else 'MISSED'}"
+        lines.append(f"  test {name:<15} {interval['estimate']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
+                     f"{held}")
+    return "\n".join(lines)

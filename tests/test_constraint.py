@@ -1,0 +1,261 @@
+"""``train --max-gap``: the search on validation, the feasibility rule, the outputs and the errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from groupmixnorm import cli
+from groupmixnorm.data import Split
+from groupmixnorm.experiments import constraint
+
+#: A small, quick loop (50 optimizer steps of a width-8 network).
+LOOP = ["--epochs", "5", "--iterations", "10", "--batch-size", "64", "--lr", "0.01", "--hidden", "8"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """600 rows, two features and a group that shifts one of them a little."""
+    rng = np.random.default_rng(0)
+    group = rng.choice(["a", "b"], 600)
+    first, second = rng.normal(size=600) + 0.3 * (group == "a"), rng.normal(size=600)
+    label = (first + second + rng.normal(scale=0.8, size=600) > 0.2).astype(int)
+    path = tmp_path_factory.mktemp("table") / "rows.csv"
+    pd.DataFrame({"x1": first, "x2": second, "group": group, "label": label}).to_csv(path, index=False)
+    return path
+
+
+def _argv(table, out, *extra):
+    return ["train", "--csv", str(table), "--label", "label", "--sensitive", "group", *LOOP, "--quiet",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def search_run(table, tmp_path_factory):
+    """A search that meets its bound; the test split's scoring is counted."""
+    out = tmp_path_factory.mktemp("search")
+    calls = []
+    original = constraint.score_test
+
+    def counted(result, *args, **kwargs):
+        calls.append(len(result.trials))
+        return original(result, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constraint, "score_test", counted)
+        code = cli.main(_argv(table, out, "--max-gap", "dp_gap_hard=0.3", "--methods", "gmn,gapreg", "--budget", "3",
+                              "--save", str(out / "model.pt")))
+    return code, out, calls
+
+
+# --------------------------------------------------------------------------------------- a bound that holds
+
+
+def test_a_bound_that_holds_writes_the_choice_its_test_numbers_and_the_front(search_run):
+    code, out, _ = search_run
+    assert code == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["chosen"]["method"] in ("gmn", "gapreg")
+    assert record["chosen"]["knob"] in ("align", "lam")
+    assert record["budget"] == 3 and record["trials"] == 6 and record["search_seconds"] > 0
+    for split in ("validation", "test"):
+        intervals = record[split]["intervals"]
+        assert set(intervals) == {"ap", "accuracy", "dp_gap_hard"}
+        assert all(v["low"] <= v["estimate"] <= v["high"] for v in intervals.values())
+    assert record["validation"]["intervals"]["dp_gap_hard"]["high"] <= 0.3  # what feasible means
+    assert record["held_on_test"] == {"dp_gap_hard": record["test"]["metrics"]["dp_gap_hard"] <= 0.3}
+    front = pd.read_csv(out / "front.csv")
+    assert len(front) == 6 and set(front["method"]) == {"gmn", "gapreg"}
+    assert {"threshold", "val_ap", "val_accuracy", "val_dp_gap_hard", "val_dp_gap_hard_upper", "feasible"} <= set(front)
+    chosen = front[front["chosen"]]
+    assert len(chosen) == 1 and chosen["feasible"].all()
+    assert chosen["val_ap"].iloc[0] == front[front["feasible"]]["val_ap"].max()
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_checkpoint_stores_the_chosen_threshold_and_predict_uses_it(search_run, table, tmp_path):
+    from groupmixnorm.training.checkpoint import load_checkpoint
+
+    _, out, _ = search_run
+    threshold = json.loads((out / "metrics.json").read_text())["chosen"]["threshold"]
+    checkpoint = load_checkpoint(out / "model.pt")
+    assert checkpoint.threshold == threshold
+    _rewrite_threshold(out / "model.pt", tmp_path / "model.pt", 0.8)  # one far from the default 0.5
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--csv", str(table),
+                     "--out", str(tmp_path / "scores.csv")]) == 0
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert (scores["prediction"] == (scores["score"] >= 0.8)).all()
+    assert 0 < (scores["score"] >= 0.5).sum() != (scores["score"] >= 0.8).sum()
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--csv", str(table),
+                     "--out", str(tmp_path / "given.csv"), "--threshold", "0.5"]) == 0
+    given = pd.read_csv(tmp_path / "given.csv")
+    assert (given["prediction"] == (given["score"] >= 0.5)).all()
+
+
+def test_the_onnx_sidecar_carries_the_threshold_and_old_checkpoints_read_as_half(search_run, tmp_path):
+    from groupmixnorm.training.checkpoint import load_checkpoint
+    from groupmixnorm.training.export import preprocessing_spec
+
+    _, out, _ = search_run
+    _rewrite_threshold(out / "model.pt", tmp_path / "model.pt", 0.7)
+    assert preprocessing_spec(load_checkpoint(tmp_path / "model.pt"))["threshold"] == 0.7
+    _rewrite_threshold(out / "model.pt", tmp_path / "old.pt", None)
+    assert load_checkpoint(tmp_path / "old.pt").threshold == 0.5
+
+
+def test_one_method_with_its_options_can_be_searched_for_accuracy(table, tmp_path):
+    argv = _argv(table, tmp_path, "--max-gap", "dp_gap_hard=0.3", "--method", "gapreg", "--fairness", "eo",
+                 "--budget", "2", "--select", "accuracy")
+    assert cli.main(argv) == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["select"] == "accuracy" and record["trials"] == 2
+    assert record["chosen"]["method"] == "gapreg" and record["chosen"]["options"]["fairness"] == "eo"
+    front = pd.read_csv(tmp_path / "front.csv")
+    assert front[front["chosen"]]["val_accuracy"].iloc[0] == front[front["feasible"]]["val_accuracy"].max()
+
+
+def _rewrite_threshold(source, target, threshold):
+    payload = torch.load(source, weights_only=False)
+    if threshold is None:
+        del payload["threshold"]
+    else:
+        payload["threshold"] = threshold
+    torch.save(payload, target)
+
+
+# ------------------------------------------------------------------------------- the choice reads no test row
+
+
+def test_the_test_split_is_scored_once_after_every_trial(search_run):
+    _, _, calls = search_run
+    assert calls == [6]
+
+
+def test_the_search_never_hands_the_loop_the_test_split_and_ignores_it(table, monkeypatch):
+    from groupmixnorm import training
+    from groupmixnorm.experiments.spec import load_run_data
+    from groupmixnorm.training import TrainConfig
+
+    spec = {"dataset": "csv", "sensitive": "group", "protocol": "official", "config": {"seed": 0},
+            "dataset_options": {"csv": str(table), "label": "label"}}
+    data = load_run_data(spec)
+    original = training.train
+    seen = []
+
+    def watched(method, given, config, **kwargs):
+        seen.append(given.test is given.val)
+        return original(method, given, config, **kwargs)
+
+    monkeypatch.setattr(training, "train", watched)
+    config = TrainConfig(epochs=3, iterations=5, batch_size=64, lr=0.01, hidden=(8,))
+    first = constraint.search(data, {"gapreg": {}}, {"dp_gap_hard": 0.3}, config=config, budget=2)
+    rng = np.random.default_rng(1)
+    scrambled = Split(rng.normal(size=data.test.X.shape), rng.integers(0, 2, len(data.test)),
+                      rng.integers(0, 2, len(data.test)))
+    second = constraint.search(dataclasses.replace(data, test=scrambled), {"gapreg": {}}, {"dp_gap_hard": 0.3},
+                               config=config, budget=2)
+    assert seen == [True] * 4
+    assert [t.row({"dp_gap_hard": 0.3}) | {"seconds": 0} for t in first.trials] == \
+        [t.row({"dp_gap_hard": 0.3}) | {"seconds": 0} for t in second.trials]
+
+
+# ------------------------------------------------------------------------------------ a bound never met
+
+
+def test_a_bound_that_cannot_be_met_exits_3_with_one_line_naming_the_closest(table, tmp_path, capsys):
+    capsys.readouterr()
+    code = cli.main(_argv(table, tmp_path, "--max-gap", "dp_ks=0.001", "--methods", "gapreg", "--budget", "2"))
+    err = capsys.readouterr().err.strip()
+    assert code == 3
+    assert len(err.splitlines()) == 1
+    assert "no candidate of 2 met every bound" in err and "closest: gapreg lam=" in err
+    assert "dp_ks upper end" in err and "> 0.001" in err
+    assert not (tmp_path / "metrics.json").exists()
+    assert len(pd.read_csv(tmp_path / "front.csv")) == 2 and not pd.read_csv(tmp_path / "front.csv")["feasible"].any()
+
+
+# ------------------------------------------------------------------------------------- the feasibility rule
+
+
+def test_feasibility_compares_the_upper_end_of_the_interval_with_the_bound():
+    assert constraint.meets_bounds({"dp_gap_hard": 0.05}, {"dp_gap_hard": 0.05})
+    assert not constraint.meets_bounds({"dp_gap_hard": 0.051, "dp_ks": 0.01}, {"dp_gap_hard": 0.05, "dp_ks": 0.1})
+
+
+def test_a_point_gap_under_the_bound_is_not_enough_when_the_interval_reaches_over_it():
+    # 100 rows per group; at threshold 0.5 group a selects 50 %, group b 46 %: a point gap of 0.04.
+    scores = np.r_[np.repeat([0.9, 0.1], 50), np.repeat([0.9, 0.1], [46, 54])]
+    groups = np.repeat([0, 1], 100)
+    labels = np.tile([1, 0], 100)
+    choose = lambda bound: constraint.choose_threshold(labels, scores, groups, {"dp_gap_hard": bound}, seed=0,
+                                                       thresholds=[0.5])
+    tight = choose(0.05)
+    assert tight.gaps["dp_gap_hard"] == pytest.approx(0.04) and tight.upper["dp_gap_hard"] > 0.05
+    assert not tight.feasible
+    loose = choose(tight.upper["dp_gap_hard"])
+    assert loose.feasible and loose.threshold == 0.5
+
+
+def test_a_threshold_that_decides_nothing_is_never_feasible():
+    scores = np.r_[np.full(50, 0.9), np.full(50, 0.1)]
+    groups, labels = np.repeat([0, 1], 50), np.tile([1, 0], 50)
+    choice = constraint.choose_threshold(labels, scores, groups, {"dp_gap_hard": 0.5}, seed=0,
+                                         thresholds=[0.05, 0.95])
+    assert not choice.feasible  # both thresholds give every row one prediction (a gap of 0 for free)
+
+
+def test_weak_models_are_warned_about():
+    split = Split(np.zeros((4, 1)), np.array([1, 1, 1, 0]), np.array([0, 1, 0, 1]))
+    lines = constraint.weak_model_warnings(split, np.array([0.6, 0.6, 0.61, 0.6]), 0.5)
+    assert len(lines) == 2
+    assert "no better than predicting the majority class (0.7500)" in lines[0] and "collapsed" in lines[1]
+    assert constraint.weak_model_warnings(split, np.array([0.9, 0.8, 0.7, 0.1]), 0.5) == []
+
+
+def test_auto_searches_the_methods_that_need_no_attribute_and_can_be_saved():
+    names = constraint.auto_methods()
+    assert "expgrad" not in names and {"gmn", "gapreg", "erm"} <= set(names)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dp_gap_hard", "takes METRIC=BOUND"),
+    ("=0.1", "takes METRIC=BOUND"),
+    ("accuracy=0.1", "'accuracy' is not a gap metric"),
+    ("dp_ratio=0.8", "'dp_ratio' is not a gap metric"),
+    ("dp_gap_hard=abc", "the bound 'abc' is not a number"),
+    ("dp_gap_hard=1.5", "the bound must be in [0, 1], got 1.5"),
+    ("dp_gap_hard=-0.1", "the bound must be in [0, 1], got -0.1"),
+    ("dp_gap_hard=nan", "the bound must be in [0, 1], got nan"),
+])
+def test_bad_max_gap_strings_are_one_line_errors(table, tmp_path, capsys, text, message):
+    assert cli.main(_argv(table, tmp_path, "--max-gap", text)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "--max-gap" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-gap", "dp_gap_hard=0.1", "--max-gap", "dp_gap_hard=0.2"], "names dp_gap_hard twice"),
+    (["--max-gap", "dp_gap_hard=0.1", "--methods", "gmn,nope"], "unknown method(s) nope"),
+    (["--max-gap", "dp_gap_hard=0.1", "--method", "gmn", "--align", "2"], "--align is what --max-gap searches"),
+    (["--max-gap", "dp_gap_hard=0.1", "--method", "gmn", "--eval-mode", "group"], "needs the protected attribute"),
+    (["--max-gap", "dp_gap_hard=0.1", "--methods", "gmn", "--lam", "1"], "apply to a single --method"),
+    (["--max-gap", "dp_gap_hard=0.1", "--methods", "gmn", "--method", "gapreg"], "not both"),
+    (["--max-gap", "dp_gap_hard=0.1", "--select", "last"], "ap or accuracy, got last"),
+    (["--max-gap", "dp_gap_hard=0.1", "--budget", "0"], "--budget must be at least 1"),
+    (["--max-gap", "dp_gap_hard=0.1", "--methods", "expgrad", "--save", "m.pt"], "expgrad models are not saved"),
+    (["--budget", "3"], "--budget applies to a --max-gap search"),
+    (["--select", "accuracy"], "--select accuracy is the objective of a --max-gap search"),
+])
+def test_flags_that_do_not_fit_a_search_are_one_line_errors(table, tmp_path, capsys, extra, message):
+    assert cli.main(_argv(table, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "front.csv").exists()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from groupmixnorm.metrics.fairness import _LABEL_NAMES, _groups, _same_length, _scores, _validated
+from groupmixnorm.metrics.fairness import _rows_with_label, _scores_and_groups, _validated
 
 Distance = Callable[[np.ndarray, np.ndarray], float]
 
@@ -46,8 +46,7 @@ def dp_ks(scores: Any, groups: Any) -> float:
     float
         ``max_{a,b} sup_t |P(s > t | A=a) - P(s > t | A=b)|``, in [0, 1].
     """
-    s, g = _scores(scores), _groups(groups)
-    _same_length(scores=s, groups=g)
+    s, g = _scores_and_groups(scores, groups)
     return _largest_pairwise(s, g, _ks)
 
 
@@ -87,8 +86,7 @@ def abcc(scores: Any, groups: Any) -> float:
     float
         ``max_{a,b} integral_0^1 |F_a(t) - F_b(t)| dt``, in [0, 1].
     """
-    s, g = _scores(scores), _groups(groups)
-    _same_length(scores=s, groups=g)
+    s, g = _scores_and_groups(scores, groups)
     if s.min() < 0.0 or s.max() > 1.0:
         raise ValueError(f"abcc needs scores in [0, 1], got values from {s.min():.4g} to {s.max():.4g}")
     return _largest_pairwise(s, g, _area)
@@ -112,10 +110,5 @@ def _largest_pairwise(scores: np.ndarray, groups: np.ndarray, distance: Distance
 
 
 def _within_label(scores: np.ndarray, y: np.ndarray, groups: np.ndarray, label: int, distance: Distance) -> float:
-    chosen = y == label
-    missing = sorted(set(np.unique(groups).tolist()) - set(np.unique(groups[chosen]).tolist()), key=str)
-    if missing:
-        raise ValueError(
-            f"group {missing[0]!r} has no {_LABEL_NAMES[label]} samples (y={label}), so the gap is undefined"
-        )
+    chosen = _rows_with_label(y, groups, label)
     return _largest_pairwise(scores[chosen], groups[chosen], distance)

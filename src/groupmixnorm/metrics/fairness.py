@@ -81,8 +81,7 @@ def dp_gap(scores: Any, groups: Any) -> float:
     float
         ``max_a E[s | A=a] - min_a E[s | A=a]``.
     """
-    s, g = _scores(scores), _groups(groups)
-    _same_length(scores=s, groups=g)
+    s, g = _scores_and_groups(scores, groups)
     return _spread(_group_means(s, g))
 
 
@@ -157,8 +156,7 @@ def dp_gap_hard(scores: Any, groups: Any, threshold: float = 0.5) -> float:
     float
         Max minus min over groups of ``P(s >= threshold | A=a)``, in [0, 1].
     """
-    s, g = _scores(scores), _groups(groups)
-    _same_length(scores=s, groups=g)
+    s, g = _scores_and_groups(scores, groups)
     return _spread(_group_means(_predict(s, threshold), g))
 
 
@@ -235,8 +233,7 @@ def dp_ratio(scores: Any, groups: Any, threshold: float = 0.5) -> float:
     float
         ``min_a P(s >= t | A=a) / max_a P(s >= t | A=a)``, in [0, 1]; 0.8 or more passes the rule.
     """
-    s, g = _scores(scores), _groups(groups)
-    _same_length(scores=s, groups=g)
+    s, g = _scores_and_groups(scores, groups)
     rates = _group_means(_predict(s, threshold), g)
     return 1.0 if rates.max() == 0 else float(rates.min() / rates.max())
 
@@ -305,15 +302,27 @@ def _group_means(values: np.ndarray, groups: np.ndarray) -> pd.Series:
 
 def _means_given_label(values: np.ndarray, y: np.ndarray, groups: np.ndarray, *, label: int) -> pd.Series:
     """Mean of ``values`` per group among samples with ``y == label``; every group must have one."""
-    chosen = y == label
     # Not _group_means: a group without such samples must be named before "too few groups" is said.
-    means = pd.Series(values[chosen]).groupby(groups[chosen], sort=True).mean()
-    missing = sorted(set(pd.unique(groups).tolist()) - set(means.index.tolist()), key=str)
+    chosen = _rows_with_label(y, groups, label)
+    return pd.Series(values[chosen]).groupby(groups[chosen], sort=True).mean()
+
+
+def _rows_with_label(y: np.ndarray, groups: np.ndarray, label: int) -> np.ndarray:
+    """The mask ``y == label``; ``ValueError`` naming the first group that has no such row."""
+    chosen = y == label
+    missing = sorted(set(pd.unique(groups).tolist()) - set(pd.unique(groups[chosen]).tolist()), key=str)
     if missing:
         raise ValueError(
             f"group {missing[0]!r} has no {_LABEL_NAMES[label]} samples (y={label}), so the gap is undefined"
         )
-    return means
+    return chosen
+
+
+def _scores_and_groups(scores: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and groups as checked 1-D arrays of one length (no labels needed)."""
+    s, g = _scores(scores), _groups(groups)
+    _same_length(scores=s, groups=g)
+    return s, g
 
 
 def _spread(means: pd.Series) -> float:

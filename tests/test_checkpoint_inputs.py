@@ -248,6 +248,7 @@ def test_the_python_api_checks_the_file_too(csv_run, training_file):
 
 def test_data_applies_only_to_csv_runs(saved_run, tmp_path, capsys):
     run = saved_run("gmn", epochs=1, hidden=16)
+    capsys.readouterr()  # what training the shared run printed, if this test trained it
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     assert cli.main(["report", str(run / "model.pt"), "--out", str(tmp_path / "r.html"),
                      "--data", str(tmp_path / "x.csv")]) == 2

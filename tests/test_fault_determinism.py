@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from groupmixnorm.cli import main
-from groupmixnorm.experiments.spec import METRIC_KEYS
+from groupmixnorm.metrics import METRIC_NAMES
 
 SMALL = ["--dataset", "adult", "--epochs", "2", "--iterations", "10", "--batch-size", "128", "--hidden", "32", "--quiet"]
 
 
 def _numbers(folder: Path) -> tuple[dict, list]:
     record = json.loads((folder / "metrics.json").read_text())
-    return {key: record[key] for key in METRIC_KEYS}, record["history"]
+    return {key: record[key] for key in METRIC_NAMES}, record["history"]
 
 
 @pytest.mark.parametrize("method", [["erm"], ["gmn"], ["gmn", "--placement", "all", "--align", "0", "--mix", "pairwise"],

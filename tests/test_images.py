@@ -12,9 +12,11 @@ from PIL import Image
 
 from groupmixnorm import cli
 from groupmixnorm.data import load_celeba, load_colored_digits, load_dataset
-from groupmixnorm.experiments import METRIC_KEYS, RunSpec
+from groupmixnorm.experiments import RunSpec
 from groupmixnorm.experiments import bench
+from groupmixnorm.experiments.selection import validated_columns
 from groupmixnorm.methods import make_method
+from groupmixnorm.metrics import METRIC_NAMES
 from groupmixnorm.nn import GroupMixNorm2d
 from groupmixnorm.training import TrainConfig, train
 
@@ -81,7 +83,7 @@ def test_train_colored_digits_from_the_command_line_writes_the_adult_metrics(tmp
             "--iterations", "4", "--batch-size", "16", "--hidden", "4,8", "--quiet", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert all(0.0 <= record[key] <= 2.0 for key in METRIC_KEYS)
+    assert all(0.0 <= record[key] <= 2.0 for key in METRIC_NAMES)
     assert record["dataset"]["name"] == "colored-digits" and record["dataset"]["sensitive"] == "color"
     assert set(record["group_rates"]) == {"green", "red"}
     assert "--dataset colored-digits --sensitive color" in record["command"]
@@ -155,7 +157,7 @@ def test_train_on_celeba_from_the_command_line(celeba_dir, tmp_path) -> None:
             "--method", "gmn", "--epochs", "2", "--hidden", "4,8", "--image-size", "16", "--quiet", "--out", str(out)]
     assert cli.main(argv) == 0
     record = json.loads((out / "metrics.json").read_text())
-    assert set(METRIC_KEYS) <= set(record)
+    assert set(METRIC_NAMES) <= set(record)
     assert record["dataset"]["rows"] == {"train": 12, "val": 6, "test": 6}
     assert record["spec"]["dataset_options"] == {"data_dir": str(root), "image_size": 16, "target": "Smiling"}
     assert f"--data-dir {root}" in record["command"] and "--target Smiling" in record["command"]
@@ -197,12 +199,12 @@ def test_data_flags_of_another_dataset_are_errors(capsys, tmp_path) -> None:
 def test_quick_colored_digits_bench_writes_runs_csv_report_and_plots(tmp_path) -> None:
     assert cli.main(["bench", "colored-digits", "--quick", "--quiet", "--results-dir", str(tmp_path)]) == 0
     runs = pd.read_csv(tmp_path / "colored-digits" / "runs.csv")
-    assert list(runs.columns) == list(bench.RUN_COLUMNS)
+    assert list(runs.columns) == validated_columns()
     assert set(runs["method"]) == {"erm", "gapreg", "adversarial", "fairmixup", "gmn", "expgrad"}
     assert runs["command"].str.startswith("groupmixnorm train --dataset colored-digits --sensitive color").all()
     report = (tmp_path / "colored-digits.md").read_text()
     assert "groupmixnorm bench colored-digits --quick" in report and "every digit appears once in each color" in report
-    assert (tmp_path / "colored-digits" / "ap_vs_dp_gap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "colored-digits" / "ap_vs_dp_gap_hard.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_celeba_bench_needs_a_folder(capsys) -> None:
@@ -222,9 +224,9 @@ def test_celeba_bench_on_the_fabricated_folder_writes_the_same_files(celeba_dir,
                                dataset_options={**plan.dataset_options, "image_size": 16})
     records = bench.run_plan(plan, bench.RecordStore(tmp_path / "records"))
     written = bench.write_results(plan, records, tmp_path / "results", "groupmixnorm bench celeba --quick")
-    assert {path.name for path in written} >= {"runs.csv", "ap_vs_dp_gap.png", "ap_vs_eodds_gap.png", "celeba-smiling.md"}
+    assert {path.name for path in written} >= {"runs.csv", "ap_vs_dp_gap_hard.png", "ap_vs_dp_ks.png", "celeba-smiling.md"}
     runs = pd.read_csv(tmp_path / "results" / "celeba-smiling" / "runs.csv")
-    assert list(runs.columns) == list(bench.RUN_COLUMNS) and len(runs) == len(plan.settings)
+    assert list(runs.columns) == validated_columns() and len(runs) == len(plan.settings)
     assert runs["command"].str.contains(f"--data-dir {root} --image-size 16 --target Smiling").all()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from groupmixnorm.nn import GroupMixNorm1d, GroupMixNorm2d, current_groups, use_groups
+from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import functional as F
 
 
@@ -383,9 +384,9 @@ def test_fused_gradients_match_a_plain_autograd_reference(
     here of two rows with a shorter last one) onto this small one.
     """
     if large_input_paths:
-        monkeypatch.setattr(F, "_EMBEDDING_BAG_ABOVE", 0)
-        monkeypatch.setattr(F, "_BLOCKED_ABOVE", 0)
-        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 2 * shape[1])
+        monkeypatch.setattr(K, "_EMBEDDING_BAG_ABOVE", 0)
+        monkeypatch.setattr(K, "_BLOCKED_ABOVE", 0)
+        monkeypatch.setattr(K, "_BLOCK_ELEMENTS", 2 * shape[1])
     gen = torch.Generator().manual_seed(17)
     n, channels = shape[0], shape[1]
     ids = [0, 2, 0, 2, 0, 3, 2, 0, 2] if degenerate else [0, 1, 2, 3, 3, 2, 1, 0, 1]
@@ -408,12 +409,14 @@ def test_fused_gradients_match_a_plain_autograd_reference(
         return ((y * upstream).sum() + (mean * moment_weights[0]).sum() + (var * moment_weights[1]).sum()
                 + (batch_mean * moment_weights[2, 0]).sum() + (batch_var * moment_weights[3, 0]).sum())
 
-    counts, segments = F._counts_and_segments(groups, num_groups, F._values_per_sample(x), x.dtype)
+    counts, segments = K.counts_and_segments(groups, num_groups, x[0, 0].numel(), x.dtype)
     if shared:
-        y, moments = F._shared_mix_norm(x, segments, counts, mixing, 1e-5, output_scale, weight, bias, with_moments=True)
+        y, moments, _ = K.shared_mix_norm(x, segments, counts, mixing, 1e-5, output_scale, weight, bias,
+                                          with_moments=True)
     else:
         moments = F.group_moments(x, groups, num_groups, counts=counts, segments=segments)
-        y = F._group_mix_norm(x, groups, mixing, moments, 1e-5, output_scale, weight, bias, segments)[0]
+        y = K.mix_with_moments(x, segments, mixing, moments, eps=1e-5, output_scale=output_scale, weight=weight,
+                               bias=bias)
     expected_y, expected_moments = _reference_layer(x, groups, mixing, num_groups, weight, bias, 1e-5, output_scale)
     torch.testing.assert_close(y, expected_y, atol=1e-10, rtol=1e-10)
     for got, expected in zip(moments[1:], expected_moments):
@@ -445,9 +448,9 @@ def test_fused_gradients_match_a_plain_autograd_reference(
 def test_fused_path_handles_strided_inputs_and_broadcast_gradients(large_input_paths, monkeypatch) -> None:
     """A transposed (non-contiguous) input and the expanded gradient of ``.sum()`` give the reference result."""
     if large_input_paths:
-        monkeypatch.setattr(F, "_EMBEDDING_BAG_ABOVE", 0)
-        monkeypatch.setattr(F, "_BLOCKED_ABOVE", 0)
-        monkeypatch.setattr(F, "_BLOCK_ELEMENTS", 8)
+        monkeypatch.setattr(K, "_EMBEDDING_BAG_ABOVE", 0)
+        monkeypatch.setattr(K, "_BLOCKED_ABOVE", 0)
+        monkeypatch.setattr(K, "_BLOCK_ELEMENTS", 8)
     gen = torch.Generator().manual_seed(23)
     base = torch.randn(5, 11, dtype=torch.float64, generator=gen).requires_grad_()
     groups = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])

@@ -91,3 +91,22 @@ def test_a_compiled_model_trains_and_evaluates_as_the_eager_one() -> None:
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
     compiled.eval(), eager.eval()
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
+
+
+def test_evaluation_without_running_statistics_follows_the_reference_path_too() -> None:
+    """Without running statistics evaluation normalizes with the batch; inside use_reference it does so in
+    plain autograd (the same numbers), so its input gradient is differentiable again."""
+    layer = GroupMixNorm1d(5, num_groups=3, track_running_stats=False, dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(5)
+    groups = torch.tensor([0, 1, 2, 1] * 6)
+    x = (torch.randn(24, 5, dtype=torch.float64, generator=generator) * (1 + groups.view(-1, 1))).requires_grad_()
+    weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
+    fused = layer(x, groups)
+    with use_reference():
+        reference = layer(x, groups)
+    torch.testing.assert_close(reference, fused, atol=1e-10, rtol=1e-10)
+    (gradient,) = torch.autograd.grad((reference * weights).sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad((fused * weights).sum(), x)
+    torch.testing.assert_close(gradient, expected, atol=1e-10, rtol=1e-10)
+    gradient.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

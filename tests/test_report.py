@@ -16,9 +16,12 @@ import pytest
 
 from groupmixnorm import cli
 from groupmixnorm.experiments.html_report import build_report
+from groupmixnorm.experiments.report import FRONT_GAPS
 
 #: Set by .ci/run: there a missing browser fails the browser test instead of skipping it.
 REQUIRE_BROWSER = os.environ.get("GROUPMIXNORM_REQUIRE_BROWSER") == "1"
+#: Bootstrap resamples of the reports built here: enough for the tables, few enough to be quick.
+RESAMPLES = "20"
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +34,18 @@ def _toy_bench(folder, dataset="adult", sensitive="sex"):
     trained on ``dataset`` with the protected attribute ``sensitive`` (as their commands say)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    rows = [{"method": method, "setting": f"lam={lam}", "seed": seed, "accuracy": 0.8,
-             "ap": 0.75 - lam / 20 + rng.normal(0, 0.005), "dp_gap": 0.2 / (1 + lam) + rng.normal(0, 0.005), "eodds_gap": 0.15 / (1 + lam), "dp_gap_hard": 0.1,
-             "eodds_gap_hard": 0.1, "eopp_gap": 0.1, "eopp_gap_hard": 0.1, "epoch_seconds": 0.1,
-             "command": f"groupmixnorm train --dataset {dataset} --sensitive {sensitive} --method {method} --seed {seed} "
-                        "--out OUT"}
-            for method in ("erm", "gmn") for lam in (0, 1, 3) for seed in (0, 1)]
+    rows = []
+    for method in ("erm", "gmn"):
+        for lam in (0, 1, 3):
+            for seed in (0, 1):
+                metrics = {"accuracy": 0.8, "ap": 0.75 - lam / 20 + rng.normal(0, 0.005),
+                           "dp_gap_hard": 0.2 / (1 + lam) + rng.normal(0, 0.005), "eodds_gap_hard": 0.15 / (1 + lam),
+                           "dp_ks": 0.25 / (1 + lam), "dp_gap": 0.1, "eodds_gap": 0.1}
+                rows.append({"dataset": dataset, "method": method, "setting": f"lam={lam}", "seed": seed,
+                             **{f"{split}_{k}": v for split in ("val", "test") for k, v in metrics.items()},
+                             "epoch_seconds": 0.1,
+                             "command": f"groupmixnorm train --dataset {dataset} --sensitive {sensitive} "
+                                        f"--method {method} --seed {seed} --out OUT"})
     pd.DataFrame(rows).to_csv(folder / "runs.csv", index=False)
     return folder
 
@@ -91,7 +100,8 @@ def _numbers(column: pd.Series) -> pd.Series:
 
 def test_checkpoint_report_has_rates_gaps_calibration_and_trade_off(run_folder, bench_folder, tmp_path):
     out = tmp_path / "report.html"
-    assert cli.main(["report", str(run_folder / "model.pt"), "--out", str(out), "--bench", str(bench_folder)]) == 0
+    assert cli.main(["report", str(run_folder / "model.pt"), "--out", str(out), "--bench", str(bench_folder),
+                     "--resamples", RESAMPLES]) == 0
     text = out.read_text(encoding="utf-8")
     record = json.loads((run_folder / "metrics.json").read_text())
     rates = _table(text, "group-rates")
@@ -106,26 +116,26 @@ def test_checkpoint_report_has_rates_gaps_calibration_and_trade_off(run_folder, 
     assert gaps.loc["false positive rate"] == pytest.approx(abs(fpr[0] - fpr[1]), abs=1e-4)
     assert "Calibration by group" in text and "Trade-off: bench toy" in text
     images = re.findall(r"<img [^>]*src='([^']*)'", text)
-    # The rates and calibration plots and two trade-off fronts, all embedded.
-    assert len(images) == 4 and all(src.startswith("data:image/png;base64,") for src in images)
+    # The rates, score histogram, threshold sweep and calibration plots and two trade-off fronts, all embedded.
+    assert len(images) == 6 and all(src.startswith("data:image/png;base64,") for src in images)
     assert "http://" not in text and "https://" not in text  # nothing to fetch: self-contained
 
 
 def test_run_folder_report_uses_the_record_and_the_checkpoint_beside_it(run_folder, tmp_path):
-    with_model = build_report(run_folder)
-    assert "Calibration by group" in with_model and "selected epoch" in with_model
+    with_model = build_report(run_folder, resamples=int(RESAMPLES))
+    assert "calibration by group" in with_model and "selected epoch" in with_model  # the plot's alt text
     alone = tmp_path / "run"
     alone.mkdir()
     shutil.copy(run_folder / "metrics.json", alone / "metrics.json")
     text = build_report(alone)
-    assert "no calibration plot" in text and "Calibration by group" not in text
+    assert "No calibration plot: that needs the test labels and scores" in text and "calibration by group" not in text
     assert list(_table(text, "group-rates").index) == ["Female", "Male"]
 
 
 def test_bench_folder_report_shows_the_fronts(bench_folder):
     text = build_report(bench_folder)
     assert text.count("data:image/png;base64,") == 2
-    best = _table(text, "best-ap-dp_gap")
+    best = _table(text, f"best-ap-{FRONT_GAPS[0]}")
     assert list(best.index) == ["erm", "gmn"]
 
 
@@ -168,8 +178,8 @@ def test_a_bench_of_other_data_is_refused(bench, message, run_folder, tmp_path, 
 
 
 def test_the_committed_adult_bench_goes_with_an_adult_run(run_folder):
-    text = build_report(run_folder, bench=RESULTS / "adult")
-    assert "Trade-off: bench adult" in text
+    text = build_report(run_folder, bench=RESULTS / "tabular" / "adult", resamples=int(RESAMPLES))
+    assert "Trade-off: bench adult" in text and "chosen per seed on validation" in text
 
 
 def test_a_bench_folder_report_refuses_a_second_bench(bench_folder, tmp_path, capsys):
@@ -200,12 +210,13 @@ def test_report_renders_in_a_headless_browser(run_folder, bench_folder, tmp_path
 
     browser = _browser()
     out = tmp_path / "report.html"
-    assert cli.main(["report", str(run_folder / "model.pt"), "--out", str(out), "--bench", str(bench_folder)]) == 0
+    assert cli.main(["report", str(run_folder / "model.pt"), "--out", str(out), "--bench", str(bench_folder),
+                     "--resamples", RESAMPLES]) == 0
     url = out.resolve().as_uri()
     dom = _headless(browser, tmp_path / "profile-dom", "--dump-dom", url).stdout
     for group in ("Female", "Male"):  # the table rows as the browser parsed them
         assert re.search(rf"<tr>\s*<th>{group}</th>(\s*<td>[0-9.]+</td>){{7}}", dom)
-    assert dom.count("<img ") == 4
+    assert dom.count("<img ") == 6
     screenshot = tmp_path / "report.png"
     _headless(browser, tmp_path / "profile-shot", f"--screenshot={screenshot}", "--window-size=1200,1600", url)
     pixels = np.asarray(Image.open(screenshot).convert("RGB"), dtype=int)

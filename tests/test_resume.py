@@ -17,7 +17,7 @@ import torch
 
 from groupmixnorm.cli import STATE_FILE, main
 from groupmixnorm.data import load_dataset
-from groupmixnorm.experiments.spec import METRIC_KEYS
+from groupmixnorm.metrics import METRIC_NAMES
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.erm import ERM
 from groupmixnorm.training import TrainConfig, TrainingDiverged, train
@@ -126,5 +126,5 @@ def test_train_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path)
     assert not (killed / STATE_FILE).exists()  # removed once the run completed
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     resumed, straight = (json.loads((folder / "metrics.json").read_text()) for folder in (killed, tmp_path / "straight"))
-    assert {k: resumed[k] for k in METRIC_KEYS} == {k: straight[k] for k in METRIC_KEYS}
+    assert {k: resumed[k] for k in METRIC_NAMES} == {k: straight[k] for k in METRIC_NAMES}
     assert [{k: v for k, v in row.items()} for row in resumed["history"]] == straight["history"]

@@ -68,3 +68,18 @@ def test_bad_requests_are_refused() -> None:
         choose_on_validation(_runs(), gap="dp_ks", bound=0.1)
     with pytest.raises(ValueError, match="bound must be a finite number"):
         choose_on_validation(_runs(), gap="dp_gap_hard", bound=float("nan"))
+
+
+def test_the_best_peer_must_have_met_the_bound_on_the_same_seeds() -> None:
+    rows = []
+    for seed in range(5):
+        rows.append({"dataset": "d", "method": "gmn", "seed": seed, "feasible": True, "test_ap": 0.70 + 0.001 * seed})
+        # A peer that met the bound on one seed only, with a far better AP there: not a reliable best peer.
+        rows.append({"dataset": "d", "method": "lucky", "seed": seed, "feasible": seed == 0,
+                     "test_ap": 0.90 if seed == 0 else np.nan})
+        rows.append({"dataset": "d", "method": "steady", "seed": seed, "feasible": True, "test_ap": 0.60 + 0.001 * seed})
+    choices = pd.DataFrame(rows)
+    assert compare_to_best_peer(choices, method="gmn", peers=["lucky", "steady"]) == {"d": "wins against steady"}
+    assert compare_to_best_peer(choices, method="gmn", peers=["lucky"]) == {"d": "no peer met it on the same 5 seeds"}
+    assert compare_to_best_peer(choices, method="lucky", peers=["gmn"]) == {"d": "met on 1 seed only"}
+

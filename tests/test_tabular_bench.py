@@ -8,9 +8,9 @@ import pytest
 
 from groupmixnorm import cli
 from groupmixnorm.experiments import bench
-from groupmixnorm.experiments.selection import choose_on_validation
+from groupmixnorm.experiments.selection import choose_on_validation, validated_columns
 from groupmixnorm.experiments.tabular_bench import (
-    BOUNDS, BUDGET, DATASETS, KNOBS, QUICK_DATASETS, budget_per_method, tabular_columns, tabular_plans,
+    BOUNDS, BUDGET, DATASETS, KNOBS, QUICK_DATASETS, budget_per_method, tabular_plans,
 )
 from groupmixnorm.methods import METHODS
 from groupmixnorm.metrics import METRIC_NAMES
@@ -37,7 +37,7 @@ def test_quick_tabular_bench_writes_runs_csv_report_and_plots(quick_results):
     for plan in plans:
         folder = quick_results / "tabular" / plan.dataset_name
         runs = pd.read_csv(folder / "runs.csv")
-        assert list(runs.columns) == tabular_columns()
+        assert list(runs.columns) == validated_columns()
         for key in METRIC_NAMES:
             assert {f"val_{key}", f"test_{key}"} <= set(runs.columns)
         assert len(runs) == len(plan.specs()) == 1 + 2 * len(KNOBS)
@@ -127,7 +127,7 @@ def _report_choices(text: str, dataset: str, gap: str, bound: float) -> dict[str
     """The "settings chosen" cell of each method in one table of tabular.md."""
     section = text.split(f"### {dataset}: {gap} <= {bound:g}\n", 1)[1].split("\n\n", 1)[0].strip()
     rows = [line.split(" | ") for line in section.splitlines()[2:]]
-    return {row[0].strip("| "): row[-1].strip("| `") for row in rows}
+    return {row[0].strip("| ").removesuffix(" *(needs attribute)*"): row[-1].strip("| `") for row in rows}
 
 
 def test_the_reports_chosen_settings_are_those_chosen_on_validation(quick_results):
@@ -176,3 +176,19 @@ def test_expgrad_scores_stay_in_the_unit_interval():
     scores = expected_prediction(Rounded(), np.zeros((3, 2)))
     assert scores.min() >= 0.0 and scores.max() <= 1.0
 
+
+
+def test_knob_monotonicity_counts_sweeps_whose_gap_never_rises():
+    from groupmixnorm.experiments.tabular_bench import knob_monotonicity
+
+    knob, values = KNOBS["gapreg"]
+    rows = []
+    for seed, gaps in enumerate(([0.3, 0.2, 0.1, 0.05, 0.02, 0.0], [0.3, 0.1, 0.2, 0.05, 0.02, 0.0])):
+        for value, gap in zip(values, gaps):
+            rows.append({"dataset": "d", "method": "gapreg", "seed": seed, "setting": f"fairness=dp,{knob}={value}",
+                         "val_dp_gap_hard": gap})
+    table = knob_monotonicity(pd.DataFrame(rows)).set_index("method")
+    assert table.loc["gapreg", "sweeps"] == 2 and table.loc["gapreg", "monotone sweeps"] == "50%"
+    # Spearman of the strength rank: -1 for the first sweep; one swapped neighbour pair of 6 gives
+    # -(1 - 6 * 2 / (6 * 35)) for the second.
+    assert float(table.loc["gapreg", "mean Spearman"]) == pytest.approx((-1 - (1 - 12 / 210)) / 2, abs=0.005)

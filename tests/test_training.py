@@ -17,7 +17,7 @@ from groupmixnorm.training import TrainConfig, TrainingDiverged, train, write_js
 from groupmixnorm.training.sampling import batch_indices
 
 #: Registered methods that are not torch models trained by the loop (they have their own fit).
-NOT_TRAINED_BY_LOOP = {"expgrad"}
+NOT_TRAINED_BY_LOOP = {name for name, cls in METHODS.items() if cls.fitted_outside_loop}
 
 
 def make_data(n: int = 600, d: int = 6, seed: int = 0, shift: float = 2.0) -> TabularDataset:

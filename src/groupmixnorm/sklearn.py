@@ -9,7 +9,10 @@ in a ``Pipeline``, with ``clone``, in ``GridSearchCV`` (through metadata routing
 
 from __future__ import annotations
 
+import random
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -22,9 +25,13 @@ from sklearn.utils.multiclass import check_classification_targets, type_of_targe
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from groupmixnorm.data.tabular import intersect_groups
+from groupmixnorm.data.tabular import Split, TabularDataset, stratified_holdout
+from groupmixnorm.experiments import constraint
 from groupmixnorm.methods import METHODS, Batch, Method, ModelSpec, make_method
 from groupmixnorm.methods.base import method_fields
 from groupmixnorm.training.loop import TrainConfig, train_one_epoch
+from groupmixnorm.training.prepare import prepare
 from groupmixnorm.training.threads import TABULAR_THREADS, torch_threads
 
 #: The options of ``gmn`` that are also estimator parameters (any method that has them gets them).
@@ -35,7 +42,48 @@ class NoSensitiveFeaturesWarning(UserWarning):
     """``fit`` was called without ``sensitive_features``: every sample is treated as one group."""
 
 
-class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
+class _NetworkClassifier(ClassifierMixin, BaseEstimator):
+    """What the package's estimators share once fitted: a torch network ``model_`` trained by ``method_``
+    on standardized features, scored without the protected attribute. Binary only."""
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """The logit of the positive class ``classes_[1]``; no protected attribute needed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Logits (float64). ``predict`` may cut the probability at a threshold other than 0.5 (see the
+            estimator's ``predict``).
+        """
+        return _network_logits(self, X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities of ``classes_[0]`` and ``classes_[1]``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 2)
+            Each row sums to one.
+        """
+        return _probabilities(self.decision_function(X))
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = False
+        return tags
+
+
+class GroupMixNormClassifier(_NetworkClassifier):
     """Binary classifier trained with GroupMixNorm (or another method of the package) for group fairness.
 
     The network is the package's MLP; by default one GroupMixNorm layer on the logit with the alignment
@@ -158,13 +206,7 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        target = type_of_target(y, input_name="y")
-        if target != "binary":
-            raise ValueError(f"Only binary classification is supported. The type of the target is {target}.")
-        self.classes_, y_index = np.unique(y, return_inverse=True)
-        if len(self.classes_) != 2:
-            raise ValueError(f"y has one class ({self.classes_[0]!r}); a binary classifier needs two classes")
+        self.classes_, y_index = _binary_labels(y)
         self.groups_, groups = _encode_sensitive(sensitive_features, len(y))
         self.method_ = self._make_method()
         self._mean, self._scale = _standardization(X, self.standardize)
@@ -174,43 +216,6 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         with torch_threads(self.threads):
             self.model_, self.history_ = _train_network(self.method_, batch, len(self.groups_), self._config(seed))
         return self
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        """The logit of the positive class ``classes_[1]``; no protected attribute needed.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Features, as in ``fit``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-            Logits (float64); positive means ``classes_[1]``.
-        """
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        features = torch.as_tensor((X - self._mean) / self._scale, dtype=torch.float64)
-        self.model_.eval()
-        with torch.no_grad(), torch_threads(self.threads):
-            logits = self.method_.predict_logits(self.model_, features)
-        return logits.numpy().astype(np.float64)
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Probabilities of ``classes_[0]`` and ``classes_[1]``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Features, as in ``fit``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, 2)
-            Each row sums to one.
-        """
-        positive = expit(self.decision_function(X))  # in float64, so that ranks match decision_function
-        return np.column_stack([1.0 - positive, positive])
 
     def predict(self, X: Any) -> np.ndarray:
         """The predicted labels: ``classes_[1]`` where the logit is positive (probability above 0.5).
@@ -228,14 +233,9 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
         positive = self.decision_function(X) > 0
         return self.classes_[positive.astype(int)]
 
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_class = False
-        return tags
-
     def _make_method(self) -> Method:
-        if self.method not in METHODS or self.method == "expgrad":
-            known = sorted(name for name in METHODS if name != "expgrad")
+        if self.method not in METHODS or METHODS[self.method].fitted_outside_loop:
+            known = sorted(name for name, cls in METHODS.items() if not cls.fitted_outside_loop)
             raise ValueError(f"method must be one of {known}, got {self.method!r}")
         fields = {item.name for item in method_fields(METHODS[self.method])}
         options = {name: getattr(self, name) for name in _SHARED_OPTIONS if name in fields}
@@ -252,22 +252,48 @@ class GroupMixNormClassifier(ClassifierMixin, BaseEstimator):
 
 
 def _train_network(method: Method, batch: Batch, num_groups: int, config: TrainConfig) -> tuple[nn.Module, list[dict]]:
-    """Build ``method``'s model and train it for ``config.epochs`` epochs with the loop's own epoch step.
+    """Build ``method``'s model as the loop does (:func:`~groupmixnorm.training.prepare.prepare`) and train it for
+    ``config.epochs`` epochs with the loop's own epoch step.
 
     The global torch random state is restored afterwards (the seed decides weights, mixing and batches).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
-        model = method.build_model(ModelSpec(batch.x.shape[1], num_groups, config.hidden))
-        method.setup(model, config.seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        run = prepare(method, ModelSpec(batch.x.shape[1], num_groups, config.hidden), config)
         history = [
-            {"epoch": epoch, **train_one_epoch(method, model, optimizer, batch, config, generator, epoch)}
+            {"epoch": epoch, **train_one_epoch(method, run.trained, run.optimizer, batch, config, run.generator, epoch)}
             for epoch in range(config.epochs)
         ]
     # float64 for prediction: float32 sums would differ in the last bits with the number of rows scored.
-    return model.double().eval(), history
+    return run.model.double().eval(), history
+
+
+def _binary_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two classes (sorted) and each label's index in them; ``ValueError`` for any other target."""
+    check_classification_targets(y)
+    target = type_of_target(y, input_name="y")
+    if target != "binary":
+        raise ValueError(f"Only binary classification is supported. The type of the target is {target}.")
+    classes, index = np.unique(y, return_inverse=True)
+    if len(classes) != 2:
+        raise ValueError(f"y has one class ({classes[0]!r}); a binary classifier needs two classes")
+    return classes, index
+
+
+def _network_logits(estimator: Any, X: Any) -> np.ndarray:
+    """Logits (float64) of a fitted estimator's ``model_`` on ``X``, standardized as in its ``fit``."""
+    check_is_fitted(estimator)
+    X = validate_data(estimator, X, reset=False, dtype=[np.float64, np.float32])
+    features = torch.as_tensor((X - estimator._mean) / estimator._scale, dtype=torch.float64)
+    estimator.model_.eval()
+    with torch.no_grad(), torch_threads(estimator.threads):
+        logits = estimator.method_.predict_logits(estimator.model_, features)
+    return logits.numpy().astype(np.float64)
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """Columns ``1 - p`` and ``p`` for ``p = sigmoid(logits)``."""
+    positive = expit(logits)  # in float64, so that ranks match decision_function
+    return np.column_stack([1.0 - positive, positive])
 
 
 def _encode_sensitive(sensitive_features: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +311,7 @@ def _encode_sensitive(sensitive_features: Any, n: int) -> tuple[np.ndarray, np.n
         raise ValueError(f"sensitive_features has {len(frame)} rows, X has {n}")
     if frame.isna().to_numpy().any():
         raise ValueError("sensitive_features has missing values")
-    values = frame.iloc[:, 0] if frame.shape[1] == 1 else frame.astype(str).agg(" & ".join, axis=1)
-    names, ids = np.unique(values.to_numpy(), return_inverse=True)
+    names, ids = np.unique(intersect_groups(frame).to_numpy(), return_inverse=True)
     return names, ids.astype(np.int64)
 
 
@@ -298,4 +323,295 @@ def _standardization(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.n
     return X.mean(axis=0), np.where(scale > 0, scale, 1.0)
 
 
-__all__ = ["GroupMixNormClassifier", "NoSensitiveFeaturesWarning"]
+class NoFeasibleModelError(constraint.NoFeasibleModel, ValueError):
+    """:meth:`FairSearchCV.fit` found no candidate that meets every bound on validation.
+
+    The message is one line naming the closest candidate; ``cv_results`` holds every trial, as
+    ``FairSearchCV.cv_results_`` would have.
+    """
+
+    def __init__(self, message: str, cv_results: dict[str, np.ndarray]) -> None:
+        super().__init__(message)
+        self.cv_results = cv_results
+
+
+class FairSearchCV(_NetworkClassifier):
+    """The most accurate model whose validation fairness gaps meet given bounds (``train --max-gap``).
+
+    ``fit`` holds out a validation part of the rows (stratified by group and label), then runs the command
+    line's constrained search (:func:`groupmixnorm.experiments.constraint.search`): each candidate method's
+    fairness knob is searched by a seeded Optuna sampler, ``budget`` trials per method, and for each trial
+    one global decision threshold is chosen on validation. A trial is feasible when, for every bound, the
+    upper end of the 95 % stratified bootstrap interval of its validation gap is at most the bound. The
+    feasible trial with the best validation ``select`` is kept; prediction needs no protected attribute.
+
+    Parameters
+    ----------
+    max_gap : dict of str to float
+        Bounds on validation gaps, such as ``{"dp_gap_hard": 0.05}``: any of
+        :data:`~groupmixnorm.experiments.constraint.GAP_METRICS`, each bound in [0, 1].
+    methods : "auto", str or sequence of str, default="auto"
+        Candidate methods; ``"auto"`` is every torch-trained method that predicts without the protected
+        attribute (:func:`~groupmixnorm.experiments.constraint.auto_methods`). Methods that have a
+        ``fairness`` option aim at equal opportunity / equalized odds when every bound is on an ``eopp`` or
+        ``eodds`` gap, else at demographic parity.
+    budget : int, default=20
+        Trials per method (a method without a knob, ``erm``, trains once).
+    select : {"ap", "accuracy"}, default="ap"
+        What the search maximises on validation among the feasible trials.
+    val_fraction : float, default=0.25
+        Share of the rows held out for validation: the knobs, thresholds and feasibility are decided there,
+        and the model trains on the rest.
+    hidden : tuple of int, default=(64, 64)
+        Widths of the hidden layers.
+    epochs : int, default=20
+        Epochs per trial; each trial keeps its epoch of best validation AP.
+    iterations : int or None, default=None
+        Batches per epoch (``None``: one pass over the training part).
+    batch_size : int, default=128
+        Samples per batch (per group, or per group and label, for the group-balanced methods).
+    lr : float, default=1e-3
+        Adam's learning rate.
+    weight_decay : float, default=0.0
+        Adam's weight decay.
+    standardize : bool, default=True
+        Standardize each feature with the training part's mean and deviation before the network.
+    random_state : int, RandomState instance or None, default=0
+        Seed of the validation split, the sampler, the bootstrap and every trial's training. Fitting does
+        not touch the global random state of Python, numpy or torch.
+    threads : int or None, default=1
+        Torch threads for ``fit`` and prediction, restored afterwards (``None`` keeps torch's setting).
+
+    Attributes
+    ----------
+    best_method_ : str
+        The chosen method.
+    best_params_ : dict
+        The chosen knob value by the knob's name (none for ``erm``), and ``"threshold"``.
+    threshold_ : float
+        The chosen global decision threshold on the probability of ``classes_[1]``.
+    best_score_ : float
+        The chosen trial's validation ``select``.
+    best_index_ : int
+        The chosen trial's index in ``cv_results_``.
+    cv_results_ : dict of str to ndarray
+        One entry per trial: ``method``, ``knob`` (empty for none), ``value``, ``threshold``, ``val_ap``,
+        ``val_accuracy``, ``val_<gap>`` and ``val_<gap>_upper`` (the bootstrap upper end) for each bounded
+        gap, ``feasible``, ``seconds`` and ``chosen``. ``value`` is NaN for a method without a knob.
+    search_seconds_ : float
+        Wall time of the search.
+    classes_ : ndarray of shape (2,)
+        The two labels; ``classes_[1]`` is the positive class.
+    groups_ : ndarray
+        The protected groups seen in ``fit`` (sorted; several columns are joined with ``" & "``).
+    n_features_in_ : int
+        Number of features seen in ``fit``.
+    feature_names_in_ : ndarray of str
+        Column names seen in ``fit``, when ``X`` had string column names.
+    model_ : torch.nn.Module
+        The chosen network, in evaluation mode and in float64.
+    method_ : groupmixnorm.methods.Method
+        The method object that trained it.
+
+    Raises
+    ------
+    NoFeasibleModelError
+        From ``fit``, when no trial met every bound.
+
+    Examples
+    --------
+    ::
+
+        from groupmixnorm.sklearn import FairSearchCV
+
+        search = FairSearchCV({"dp_gap_hard": 0.05}, methods=["gmn", "gapreg"], budget=10)
+        search.fit(X_train, y_train, sensitive_features=sex_train)
+        search.best_method_, search.best_params_   # e.g. ("gmn", {"align": 3.1, "threshold": 0.45})
+        predicted = search.predict(X_test)          # no protected attribute at prediction
+
+    In a ``Pipeline``, pass ``sensitive_features`` as ``fairsearchcv__sensitive_features``, or enable metadata
+    routing and call ``set_fit_request(sensitive_features=True)`` on this step.
+    """
+
+    def __init__(
+        self,
+        max_gap: dict[str, float],
+        *,
+        methods: str | Sequence[str] = "auto",
+        budget: int = 20,
+        select: str = "ap",
+        val_fraction: float = 0.25,
+        hidden: tuple[int, ...] = (64, 64),
+        epochs: int = 20,
+        iterations: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        standardize: bool = True,
+        random_state: int | np.random.RandomState | None = 0,
+        threads: int | None = TABULAR_THREADS,
+    ) -> None:
+        self.max_gap = max_gap
+        self.methods = methods
+        self.budget = budget
+        self.select = select
+        self.val_fraction = val_fraction
+        self.hidden = hidden
+        self.epochs = epochs
+        self.iterations = iterations
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.standardize = standardize
+        self.random_state = random_state
+        self.threads = threads
+
+    def fit(self, X: Any, y: Any, *, sensitive_features: Any = None) -> FairSearchCV:
+        """Run the search and keep the best feasible model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Numeric features.
+        y : array-like of shape (n_samples,)
+            Binary labels of any type.
+        sensitive_features : array-like of shape (n_samples,) or (n_samples, n_columns)
+            The protected attribute the bounds are about (required); several columns are combined into
+            intersectional groups.
+
+        Returns
+        -------
+        self : FairSearchCV
+            The fitted estimator.
+
+        Raises
+        ------
+        NoFeasibleModelError
+            When no trial met every bound on validation.
+        """
+        bounds = _check_max_gap(self.max_gap)
+        methods = _candidate_methods(self.methods, bounds)
+        if sensitive_features is None:
+            raise ValueError("FairSearchCV.fit needs sensitive_features: max_gap bounds the gaps between its groups")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        classes, y_index = _binary_labels(y)
+        group_names, groups = _encode_sensitive(sensitive_features, len(y))
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        data, standardization = self._search_data(X, y_index, groups, group_names, seed)
+        config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, iterations=self.iterations, lr=self.lr,
+                             weight_decay=self.weight_decay, hidden=tuple(int(width) for width in self.hidden),
+                             seed=seed, select="ap")
+        with torch_threads(self.threads), _global_random_state_kept():
+            result = constraint.search(data, methods, bounds, config=config, budget=self.budget, select=self.select)
+        table = constraint.front_table(result.trials, bounds, result.chosen)
+        table["value"] = table["value"].astype(float)  # NaN, not None, for a method without a knob
+        cv_results = {str(column): table[column].to_numpy() for column in table.columns}
+        if result.chosen is None:
+            for name in [key for key in vars(self) if key.endswith("_")]:  # no stale model of an earlier fit
+                delattr(self, name)
+            raise NoFeasibleModelError(constraint.closest_message(result.trials, bounds), cv_results)
+        self._keep(result, cv_results, classes, group_names)
+        self._mean, self._scale = standardization
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``classes_[1]`` where its probability is at least ``threshold_``, the threshold chosen on
+        validation; no protected attribute needed.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Features, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+            Labels from ``classes_``.
+        """
+        positive = self.predict_proba(X)[:, 1] >= self.threshold_
+        return self.classes_[positive.astype(int)]
+
+    def __sklearn_is_fitted__(self) -> bool:
+        # A fit that found no feasible model has set n_features_in_ but no model.
+        return hasattr(self, "model_")
+
+    def _search_data(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, names: np.ndarray,
+                     seed: int) -> tuple[TabularDataset, tuple[np.ndarray, np.ndarray]]:
+        """Training and validation parts as a dataset for the search, and the training part's standardization.
+
+        The search never reads the test split (it hands the loop the validation split in its place), so the
+        validation part stands in there too.
+        """
+        train_rows, val_rows = stratified_holdout(np.arange(len(y)), self.val_fraction, seed, y, groups)
+        mean, scale = _standardization(X[train_rows], self.standardize)
+
+        def part(rows: np.ndarray) -> Split:
+            return Split(((X[rows] - mean) / scale).astype(np.float32), y[rows].astype(np.int64), groups[rows])
+
+        val = part(val_rows)
+        features = getattr(self, "feature_names_in_", [f"x{index}" for index in range(X.shape[1])])
+        data = TabularDataset(name="FairSearchCV", train=part(train_rows), val=val, test=val,
+                              feature_names=[str(name) for name in features], sensitive="sensitive_features",
+                              group_names=[str(name) for name in names],
+                              protocol=f"validation holdout of {self.val_fraction:g}", preprocessor=None)
+        return data, (mean, scale)
+
+    def _keep(self, result: constraint.SearchResult, cv_results: dict[str, np.ndarray], classes: np.ndarray,
+              groups: np.ndarray) -> None:
+        """Set the fitted attributes from a search with a feasible choice."""
+        chosen = result.chosen
+        assert chosen is not None
+        self.best_method_ = chosen.method
+        self.threshold_ = float(chosen.choice.threshold)
+        self.best_params_ = {**({} if chosen.knob is None else {chosen.knob: chosen.value}),
+                             "threshold": self.threshold_}
+        self.best_score_ = chosen.choice.objective(self.select)
+        self.best_index_ = int(np.flatnonzero(cv_results["chosen"])[0])
+        self.cv_results_ = cv_results
+        self.search_seconds_ = result.seconds
+        self.classes_, self.groups_ = classes, groups
+        self.method_ = result.method
+        # float64 for prediction, as GroupMixNormClassifier's, so a row's score does not depend on the batch.
+        self.model_ = result.model.double().eval()
+
+
+def _check_max_gap(max_gap: Any) -> dict[str, float]:
+    """``max_gap`` as a dict of gap names to bounds; ``ValueError`` naming the first bad entry."""
+    if not isinstance(max_gap, Mapping) or not max_gap:
+        raise ValueError(f"max_gap must be a non-empty dict of gap metric to bound, such as "
+                         f"{{'dp_gap_hard': 0.05}}, got {max_gap!r}")
+    bounds = {}
+    for name, bound in max_gap.items():
+        try:
+            bounds[name] = constraint.check_bound(name, bound)
+        except ValueError as error:
+            raise ValueError(f"max_gap[{name!r}]: {error}") from None
+    return bounds
+
+
+def _candidate_methods(methods: str | Sequence[str], bounds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """The search's candidates with their fixed options, as the command line's ``--methods``."""
+    allowed = constraint.auto_methods()
+    names = allowed if methods == "auto" else [methods] if isinstance(methods, str) else list(methods)
+    refused = [name for name in names if name not in allowed]
+    if refused or not names:
+        raise ValueError(f"methods must be 'auto' or names among {allowed} (torch-trained, predicting without the "
+                         f"protected attribute), got {methods!r}")
+    return {name: constraint.candidate_options(name, bounds) for name in dict.fromkeys(names)}
+
+
+@contextmanager
+def _global_random_state_kept() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's global random states after the block (the search seeds them)."""
+    python, legacy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(legacy)
+
+
+__all__ = ["FairSearchCV", "GroupMixNormClassifier", "NoFeasibleModelError", "NoSensitiveFeaturesWarning"]

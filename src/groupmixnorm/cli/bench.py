@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from groupmixnorm.cli.common import UsageError, _add_threads, _subcommand
+from groupmixnorm.cli.common import UsageError, _add_executor_options, _add_threads, _executor, _subcommand
 
 #: Seeds of the full benches (the committed results); a run with fewer is partial.
 FULL_SEEDS = 5
@@ -47,6 +47,7 @@ def _add_bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--data-dir", type=Path, default=None, help="celeba: the folder in the official layout")
     bench.add_argument("--target", default=None, help="celeba: the attribute to predict [default: Smiling]")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_executor_options(bench, "runs of the adult, celeba, colored-digits and tabular benches")
     _add_threads(bench)
     bench.set_defaults(handler=_run_bench)
 
@@ -63,6 +64,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--methods applies to the {', '.join(names[:-1])} and {names[-1]} benches, not {args.name}")
     if args.datasets and args.name != "tabular":
         raise UsageError(f"--datasets applies to the tabular bench, not {args.name}")
+    if (args.workers is not None or args.ray is not None) and args.name not in (*PLANS, "tabular"):
+        names = sorted([*PLANS, "tabular"])
+        raise UsageError(f"--workers and --ray apply to the {', '.join(names[:-1])} and {names[-1]} benches, "
+                         f"not {args.name}")
     explicit_dir = getattr(args, "results_dir", None)
     args.results_dir = explicit_dir or _default_results_dir(args)
     args.check_results_dir = explicit_dir is not None and _is_partial(args)
@@ -80,14 +85,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     _guard_results_dir(args, plan.name)
     store = RecordStore(args.records_dir or args.results_dir / plan.name / "records")
     total = len(plan.specs())
-    bar = tqdm(total=total, desc=f"bench {plan.name}", unit="run", file=sys.stderr, disable=args.quiet)
+    executor = _executor(args)
+    bar = tqdm(total=total, desc=_bar_title(f"bench {plan.name}", executor), unit="run", file=sys.stderr,
+               disable=args.quiet)
 
     def advance(spec: Any, record: dict[str, Any], reused: bool) -> None:
         bar.set_postfix_str(f"{spec.method} {record['setting']} seed {spec.config.seed}" + (" (done before)" if reused else ""))
         bar.update(1)
 
     try:
-        records = run_plan(plan, store, on_run=advance)
+        with executor:
+            records = run_plan(plan, store, on_run=advance, executor=executor)
     finally:
         bar.close()
     command = _bench_command(args)
@@ -99,11 +107,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_debias_bench(args: argparse.Namespace) -> int:
-    from groupmixnorm.experiments.debias_bench import FINE_TUNERS, FRACTIONS, run_debias_bench, write_debias_report
+    from groupmixnorm.experiments.debias import DEBIAS_METHODS
+    from groupmixnorm.experiments.debias_bench import FRACTIONS, run_debias_bench, write_debias_report
 
     seeds, fractions, epochs = (1, (0.05, 1.0), 2) if args.quick else (args.seeds, FRACTIONS, 10)
     return _run_record_bench(
-        args, total=seeds * (1 + len(fractions) * len(FINE_TUNERS)),
+        args, total=seeds * (1 + len(fractions) * len(DEBIAS_METHODS)),
         run=lambda root, advance: run_debias_bench(root, seeds=seeds, fractions=fractions, epochs=epochs,
                                                    on_run=advance),
         report=write_debias_report,
@@ -142,19 +151,28 @@ def _run_tabular_bench(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     total = sum(len(plan.specs()) for plan in plans)
+    executor = _executor(args)
 
     def run(_root: Path, advance: Any) -> Any:  # records per data set: RECORDS/<dataset>/records
         def label(spec: Any, record: dict[str, Any], reused: bool) -> None:
             advance(f"{spec.dataset} {spec.method} {record['setting']} seed {spec.config.seed}"
                     + (" (done before)" if reused else ""))
 
-        return run_tabular(plans, args.records_dir or args.results_dir / "tabular", on_run=label)
+        with executor:
+            return run_tabular(plans, args.records_dir or args.results_dir / "tabular", on_run=label,
+                               executor=executor)
 
     def report(records: Any, path: Path, command: str) -> Path:
         write_tabular_results(plans, records, path.parent, command)
         return path
 
-    return _run_record_bench(args, total=total, run=run, report=report)
+    return _run_record_bench(args, total=total, run=run, report=report, title=_bar_title("bench tabular", executor))
+
+
+def _bar_title(title: str, executor: Any) -> str:
+    """A progress bar's title, with where the runs go when not in this process (connecting to Ray, so that
+    a cluster that is not there is one line before anything runs)."""
+    return title if executor.in_process else f"{title} ({executor.describe()})"
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -162,13 +180,13 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _run_record_bench(args: argparse.Namespace, *, total: int, run: Any, report: Any) -> int:
-    """Run a bench whose ``run(records_root, advance)`` returns records, with a progress bar, then write
-    ``RESULTS/NAME.md`` with ``report(records, path, command)``."""
+def _run_record_bench(args: argparse.Namespace, *, total: int, run: Any, report: Any, title: str | None = None) -> int:
+    """Run a bench whose ``run(records_root, advance)`` returns records, with a progress bar (``title``,
+    default ``bench NAME``), then write ``RESULTS/NAME.md`` with ``report(records, path, command)``."""
     from tqdm import tqdm
 
     _guard_results_dir(args, args.name)
-    bar = tqdm(total=total, desc=f"bench {args.name}", unit="run", file=sys.stderr, disable=args.quiet)
+    bar = tqdm(total=total, desc=title or f"bench {args.name}", unit="run", file=sys.stderr, disable=args.quiet)
 
     def advance(label: str) -> None:
         bar.set_postfix_str(label)
@@ -228,9 +246,9 @@ def _bench_data_options(args: argparse.Namespace) -> dict[str, Any]:
         flags = ", ".join("--" + name.replace("_", "-") for name in options)
         raise UsageError(f"{flags} applies to the celeba bench, not {args.name}")
     if "data_dir" in options:
-        from groupmixnorm.data.celeba import _checked_folder
+        from groupmixnorm.data.celeba import checked_folder
 
-        _checked_folder(options["data_dir"])  # a wrong folder is one line now, not an error under a progress bar
+        checked_folder(options["data_dir"])  # a wrong folder is one line now, not an error under a progress bar
         options["data_dir"] = str(options["data_dir"])
     return options
 

@@ -224,23 +224,34 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         commands,
         "report",
         help="write a self-contained HTML fairness report of a run, a checkpoint or a bench",
-        description="Write one HTML file (plots embedded) with per-group selection, true and false positive "
-        "rates, their gaps and calibration by group. SOURCE is a checkpoint (train --save), a run folder "
-        "(train --out; with a checkpoint inside for calibration), or a bench results folder (runs.csv): "
-        "then the report shows the trade-off plots.",
+        description="Write one HTML file (plots embedded) with the test metrics beside the majority-class "
+        "accuracy, per-group selection, true and false positive rates and their gaps with bootstrap intervals, "
+        "each group's selection rate against the highest (four-fifths rule), score histograms by group, "
+        "accuracy and gaps against the decision threshold, calibration by group, a warning for each small group "
+        "and, for a model chosen by train --max-gap, the validation front. SOURCE is a checkpoint (train "
+        "--save), a run folder (train --out; with a checkpoint inside for what needs the test scores), or a "
+        "bench results folder (runs.csv): then the report shows the trade-off plots.",
     )
     report.add_argument("source", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="what to report on")
     report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     report.add_argument("--bench", type=Path, default=None,
                         help="a bench results folder (e.g. docs/results/adult) whose trade-off plots to include")
+    report.add_argument("--baseline", type=Path, default=None, metavar="PATH",
+                        help="a checkpoint or run folder of a plain model (say erm) of the same data, whose test "
+                        "metrics and gaps are shown in a second column")
+    report.add_argument("--resamples", type=int, default=None, metavar="N",
+                        help="bootstrap resamples of the intervals [default: as many as train --max-gap draws]")
     _add_data(report)
     report.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from groupmixnorm.experiments.constraint import RESAMPLES
     from groupmixnorm.experiments.html_report import write_report
 
-    path = write_report(args.source, args.out, bench=args.bench, data=args.data)
+    resamples = RESAMPLES if args.resamples is None else args.resamples
+    path = write_report(args.source, args.out, bench=args.bench, data=args.data, baseline=args.baseline,
+                        resamples=resamples)
     print(f"wrote {path}")
     return 0
 

@@ -27,14 +27,47 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(ValueError(message))} (see {self.prog} --help)\n")
 
 
-#: Datasets and benches of images, which keep torch's default thread count.
-IMAGE_WORKLOADS = ("colored-digits", "celeba")
-
-
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads; default: 1 for tabular data (small matrix products run fastest "
                         "on one thread, and far slower with two on a busy machine), torch's own default for images")
+
+
+def _add_executor_options(parser: Any, what: str) -> None:
+    """``--workers [N]`` and ``--ray ADDRESS``: where the ``what`` run (see
+    :mod:`groupmixnorm.experiments.executors`)."""
+    parser.add_argument("--workers", nargs="?", const="auto", default=None, type=_parse_workers, metavar="N",
+                        help=f"train the {what} in N processes of this machine, one torch thread each (or "
+                        "--threads); --workers alone or auto: one per core, less one for this process beyond two "
+                        "cores; the same results as one process [default: 1, this process]")
+    parser.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
+                        help=f"train the {what} as tasks of a Ray cluster (pip install \"groupmixnorm[distributed]\"): "
+                        "auto (RAY_ADDRESS, or the cluster `ray start` started on this machine) or the head's "
+                        "HOST:PORT; the same results as one process")
+
+
+def _parse_workers(text: str) -> int:
+    from groupmixnorm.experiments.executors import default_workers
+
+    if text.strip().lower() == "auto":
+        return default_workers()
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers of at least 1, or auto, got {text!r}")
+    return workers
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    """The executor that ``--workers`` and ``--ray`` ask for (this process for neither)."""
+    from groupmixnorm.experiments.executors import executor_for
+
+    try:
+        return executor_for(args.workers, args.ray, threads=getattr(args, "threads", None))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -43,10 +76,11 @@ def _set_threads(args: argparse.Namespace) -> None:
         return
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    from groupmixnorm.data import IMAGE_DATASETS
     from groupmixnorm.training.threads import default_threads
 
-    workload = getattr(args, "dataset", None) or getattr(args, "name", None)
-    threads = args.threads if args.threads is not None else default_threads(images=workload in IMAGE_WORKLOADS)
+    workload = getattr(args, "dataset", None) or getattr(args, "name", None)  # an image bench is named after its data
+    threads = args.threads if args.threads is not None else default_threads(images=workload in IMAGE_DATASETS)
     if threads is not None:
         import torch
 

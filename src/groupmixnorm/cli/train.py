@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from groupmixnorm.cli.common import UsageError, _add_flag, _add_threads, _parse_bool, _subcommand
+from groupmixnorm.cli.common import (
+    UsageError, _add_executor_options, _add_flag, _add_threads, _executor, _parse_bool, _subcommand,
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ DATASET_DEFAULTS = {
     "csv": DatasetDefaults("", "200,200", ("csv", "label", "positive", "drop", "test_size", "split_seed", "strict")),
 }
 DATASETS = tuple(DATASET_DEFAULTS)
+
+
+def _default_budget() -> Any:
+    """The loop of a table's run given neither --epochs nor --iterations: the tabular bench's, a fixed number
+    of optimizer steps whatever the table's size (imported late: it imports torch)."""
+    from groupmixnorm.experiments.tabular_bench import FULL_CONFIG
+
+    return FULL_CONFIG
 
 
 #: The file in a run's --out directory that holds the loop's state while it trains (see --resume).
@@ -63,8 +73,9 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
                       help="protected attribute: sex, race or sex*race (adult; default sex), age (<=25) or sex "
                       "(german; default age), race (African-American vs Caucasian), race6 or sex (compas; default "
                       "race), sex (credit), race (White vs non-White) or sex (law; default race), color "
-                      "(colored-digits), an attribute name such as Male (celeba; default Male), a column name (csv; "
-                      "required)")
+                      "(colored-digits), an attribute name such as Male (celeba; default Male), a column name, or "
+                      "several comma-separated such as sex,race, whose combinations of values are the groups "
+                      "(\"female & black\"; csv; required)")
     data.add_argument("--data-dir", dest="data_data_dir", type=Path, default=None, metavar="DIR",
                       help="celeba: folder with img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt")
     data.add_argument("--target", dest="data_target", default=None, metavar="ATTRIBUTE",
@@ -112,6 +123,7 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
                       "protected attribute at prediction and can be saved) [default: --method if given, else auto]")
     fair.add_argument("--budget", type=int, default=None, metavar="N",
                       help="with --max-gap: trials per method (a method without a knob trains once) [default: 20]")
+    _add_executor_options(fair, "trials of a --max-gap search (the methods side by side)")
 
     loop = train.add_argument_group("training loop")
     _add_config_options(loop)
@@ -163,29 +175,39 @@ def _type_from_annotation(annotation: str) -> Any:
 
 
 def _add_config_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--epochs", type=int, default=10, help="training epochs")
-    group.add_argument("--batch-size", type=int, default=256,
+    from groupmixnorm.training import TrainConfig
+    from groupmixnorm.training.loop import GAP_METRIC_CHOICES, SAMPLING_CHOICES, SELECTION_RULES
+
+    budget = _default_budget()
+    steps = budget.epochs * budget.iterations
+    group.add_argument("--epochs", type=int, default=None,
+                       help=f"training epochs [default: for tables, given neither --epochs nor --iterations, "
+                       f"{budget.epochs} epochs of {budget.iterations} batches: {steps:,} optimizer "
+                       "steps whatever the table's size (the tabular bench's loop), the epoch kept by --select; "
+                       f"images, or --iterations alone: {TrainConfig.epochs}]")
+    group.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                        help="batch size (for group-balanced methods: samples per group, or per group and label)")
     group.add_argument("--iterations", type=int, default=None,
-                       help="batches per epoch (default: one pass over the training data)")
-    group.add_argument("--sampling", choices=("auto", "random", "group", "group_label"), default="auto",
+                       help=f"batches per epoch [default: {budget.iterations} for tables given neither "
+                       "--epochs nor --iterations; otherwise one pass over the training data]")
+    group.add_argument("--sampling", choices=SAMPLING_CHOICES, default=TrainConfig.sampling,
                        help="batch drawing: the method's choice, shuffled passes, or balanced per group "
                        "(per group and label)")
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    group.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    group.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="Adam weight decay")
     group.add_argument("--hidden", default=None, metavar="WIDTHS",
                        help="hidden layer widths, comma-separated; for images the CNN's channels per block "
                        "[default: tables 200,200, colored-digits 16,32, celeba 32,64,128,128]")
-    group.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and batch order")
-    group.add_argument("--select", choices=("ap", "last", "dp_gap", "eodds_gap", "accuracy"), default="ap",
+    group.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed for torch, numpy and batch order")
+    group.add_argument("--select", choices=(*SELECTION_RULES, "accuracy"), default=TrainConfig.select,
                        help="epoch to keep, chosen on validation: best AP (within --gap-target if given), "
                        "the last one, or the smallest gap; with --max-gap: what the search maximizes on "
                        "validation, ap or accuracy (epochs are then kept by validation AP)")
-    group.add_argument("--gap-metric", choices=("dp_gap", "eopp_gap", "eodds_gap"), default="dp_gap",
+    group.add_argument("--gap-metric", choices=GAP_METRIC_CHOICES, default=TrainConfig.gap_metric,
                        help="validation gap that --gap-target bounds")
     group.add_argument("--gap-target", type=float, default=None,
                        help="with --select ap: keep the best-AP epoch whose validation gap is at most this")
-    group.add_argument("--device", default="cpu", help="torch device")
+    group.add_argument("--device", default=TrainConfig.device, help="torch device")
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
@@ -209,7 +231,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         raise UsageError("--select accuracy is the objective of a --max-gap search; epochs are kept by ap, "
                          "last, dp_gap or eodds_gap")
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, iterations=args.iterations, lr=args.lr,
+        **_loop_budget(args), batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=_parse_hidden(args.hidden or defaults.hidden), seed=args.seed,
         select="ap" if args.select == "accuracy" else args.select, gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling,
         device=args.device,
@@ -217,6 +239,19 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     return RunSpec(method=args.method, method_options=given, dataset=args.dataset,
                    sensitive=args.sensitive or defaults.sensitive, protocol=args.protocol, quantize=args.quantize,
                    config=config, dataset_options=_dataset_options(args))
+
+
+def _loop_budget(args: argparse.Namespace) -> dict[str, int | None]:
+    """``epochs`` and ``iterations`` of the run: as given; for a table given neither, those of
+    :func:`_default_budget` (ten full passes, TrainConfig's default, are some thirty optimizer steps on
+    German credit); for images given neither, TrainConfig's (full passes over many batches each)."""
+    from groupmixnorm.data import IMAGE_DATASETS
+
+    if args.epochs is None and args.iterations is None and args.dataset not in IMAGE_DATASETS:
+        budget = _default_budget()
+        return {"epochs": budget.epochs, "iterations": budget.iterations}
+    given = {"epochs": args.epochs, "iterations": args.iterations}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _dataset_name(args: argparse.Namespace) -> str:
@@ -250,9 +285,12 @@ def _check_csv_options(args: argparse.Namespace, given: dict[str, Any]) -> None:
     """What ``--csv`` needs (a file, a label and a protected column), with the path made absolute so that
     a checkpoint or record can find the file again from another folder."""
     missing = [flag for flag, value in (("--csv FILE", given.get("csv")), ("--label COLUMN", given.get("label")),
-                                        ("--sensitive COLUMN", args.sensitive)) if value is None]
+                                        ("--sensitive COLUMN[,COLUMN...]", args.sensitive)) if value is None]
     if missing:
         raise UsageError(f"training on a CSV needs {', '.join(missing)}")
+    if args.protocol != "official":
+        raise UsageError(f"--protocol {args.protocol} does not apply to --csv (its split is set by --test-size and "
+                         "--split-seed)")
     given["csv"] = str(Path(given["csv"]).resolve())
     if "drop" in given:  # --drop a b and --drop a,b alike; a spec writes lists back comma-separated
         given["drop"] = [name for word in given["drop"] for name in word.split(",") if name]
@@ -273,13 +311,15 @@ def _run_train(args: argparse.Namespace) -> int:
     from groupmixnorm.training import TrainingDiverged, write_json_atomic
 
     if args.max_gap is None:
-        given = [flag for flag, value in (("--methods", args.methods), ("--budget", args.budget)) if value is not None]
+        given = [flag for flag, value in (("--methods", args.methods), ("--budget", args.budget),
+                                          ("--workers", args.workers), ("--ray", args.ray)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} applies to a --max-gap search; add --max-gap METRIC=BOUND")
     else:
         return _run_constrained(args)
     spec = spec_from_args(args)
     _check_device(spec.config.device)
+    _check_save(args, spec, [spec.method])
     # Under torchrun every process trains; rank 0 alone reports and writes.
     main_process = int(os.environ.get("RANK", "0")) == 0
     progress = None if args.quiet or not main_process else _epoch_progress(spec.config.epochs, spec.method)
@@ -298,6 +338,8 @@ def _run_train(args: argparse.Namespace) -> int:
     record["command"] = spec.command(out=str(args.out))
     path = write_json_atomic(args.out / "metrics.json", record)
     state.unlink(missing_ok=True)  # the run is complete: metrics.json (and --save) are its results
+    for line in record["warnings"]:
+        print(f"groupmixnorm train: warning: {line}", file=sys.stderr)
     if not args.quiet:
         if spec.dataset == "csv":  # what was read: the positive class, the rows dropped, the split
             print(record["dataset"]["protocol"])
@@ -323,15 +365,18 @@ def _run_constrained(args: argparse.Namespace) -> int:
     methods = _search_methods(args, bounds, explicit_method)
     spec = spec_from_args(args)
     _check_device(spec.config.device)
-    _check_search_flags(args, methods)
+    _check_search_flags(args)
+    _check_save(args, spec, list(methods))
     budget = 20 if args.budget is None else args.budget
     select = "accuracy" if args.select == "accuracy" else "ap"
     source = data_fingerprint(spec.to_dict())
     data = load_run_data(spec.to_dict())
-    progress = None if args.quiet else _search_progress(methods, budget, select)
+    executor = _executor(args)
+    progress = None if args.quiet else _search_progress(methods, budget, select, executor)
     try:
-        result = constraint.search(data, methods, bounds, config=spec.config, budget=budget, select=select,
-                                   on_trial=progress.update if progress else None)
+        with executor:
+            result = constraint.search(data, methods, bounds, config=spec.config, budget=budget, select=select,
+                                       on_trial=progress.update if progress else None, executor=executor)
     finally:
         if progress:
             progress.close()
@@ -375,9 +420,8 @@ def _write_constrained(args: argparse.Namespace, record: dict[str, Any], result:
 def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit: bool) -> dict[str, dict[str, Any]]:
     """The candidate methods of a --max-gap search with their fixed options (the user's, for a single
     --method; the fairness the bounds ask for where a method has that option)."""
-    from groupmixnorm.experiments.constraint import KNOBS, auto_methods, target_fairness
+    from groupmixnorm.experiments.constraint import KNOBS, auto_methods, candidate_options
     from groupmixnorm.methods import METHODS, make_method
-    from groupmixnorm.methods.base import method_fields
 
     if args.methods is not None and explicit:
         raise UsageError("give --method (one method) or --methods (a list, or auto), not both")
@@ -403,8 +447,7 @@ def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit
         if knob is not None and knob.name in given:
             raise UsageError(f"--{knob.name.replace('_', '-')} is what --max-gap searches for --method {name}; "
                              "leave it out")
-        fields = {item.name for item in method_fields(METHODS[name])}
-        options = {**({"fairness": target_fairness(bounds)} if "fairness" in fields else {}), **given}
+        options = candidate_options(name, bounds, given)
         if make_method(name, **options).uses_sensitive_at_prediction():
             raise UsageError(f"method {name} with these options needs the protected attribute at prediction; a "
                              "--max-gap search returns models that do not")
@@ -412,7 +455,7 @@ def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit
     return methods
 
 
-def _check_search_flags(args: argparse.Namespace, methods: dict[str, dict[str, Any]]) -> None:
+def _check_search_flags(args: argparse.Namespace) -> None:
     """Flags that do not combine with a --max-gap search."""
     if args.select not in ("ap", "accuracy"):
         raise UsageError(f"with --max-gap, --select is what the search maximizes on validation: ap or accuracy, "
@@ -421,24 +464,41 @@ def _check_search_flags(args: argparse.Namespace, methods: dict[str, dict[str, A
         raise UsageError("--gap-target does not combine with --max-gap, which bounds the gaps itself")
     if args.resume:
         raise UsageError("--resume continues a single run; a --max-gap search starts afresh")
-    if args.save is not None and "expgrad" in methods:
-        raise UsageError("--save supports the torch-trained methods; expgrad models are not saved (leave it out "
-                         "of --methods)")
     if args.budget is not None and args.budget < 1:
         raise UsageError(f"--budget must be at least 1, got {args.budget}")
+
+
+def _check_save(args: argparse.Namespace, spec: Any, methods: list[str]) -> None:
+    """Refuse, before anything trains, a ``--save`` that could not be written (the library refuses it only
+    once the model is trained)."""
+    from groupmixnorm.data import IMAGE_DATASETS
+    from groupmixnorm.methods import METHODS
+
+    if args.save is None:
+        return
+    if spec.dataset in IMAGE_DATASETS:
+        raise UsageError("--save writes models that score CSV rows (predict); image models are not saved yet")
+    if spec.quantize:
+        raise UsageError("--save does not combine with --quantize: the quantization quirk's preprocessing is not "
+                         "a fitted transformer")
+    outside = [name for name in methods if METHODS[name].fitted_outside_loop]
+    if outside:
+        hint = " (leave them out of --methods)" if args.methods is not None else ""
+        raise UsageError(f"--save supports the torch-trained methods; {', '.join(outside)} models are not saved{hint}")
 
 
 class _search_progress:
     """One tqdm bar over every trial of a --max-gap search, the best feasible objective so far beside it."""
 
-    def __init__(self, methods: dict[str, dict[str, Any]], budget: int, select: str) -> None:
+    def __init__(self, methods: dict[str, dict[str, Any]], budget: int, select: str, executor: Any) -> None:
         from tqdm import tqdm
 
         from groupmixnorm.experiments.constraint import KNOBS
 
         total = sum(budget if name in KNOBS else 1 for name in methods)
         self.select = select
-        self.bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr)
+        title = "search" if executor.in_process else f"search ({executor.describe()})"
+        self.bar = tqdm(total=total, desc=title, unit="trial", file=sys.stderr)
 
     def update(self, trial: Any, best: Any) -> None:
         shown = "none yet" if best is None else f"{best.choice.objective(self.select):.4f} ({best.method})"
@@ -495,10 +555,10 @@ def format_summary(record: dict[str, Any]) -> str:
     """The test metrics of one record, and its per-group rates, as aligned text tables."""
     import pandas as pd
 
-    from groupmixnorm.experiments import METRIC_KEYS
+    from groupmixnorm.metrics import METRIC_NAMES
 
-    metrics = pd.DataFrame({"test": [record[k] for k in METRIC_KEYS],
-                            "validation": [record["val"][k] for k in METRIC_KEYS]}, index=list(METRIC_KEYS))
+    metrics = pd.DataFrame({"test": [record[k] for k in METRIC_NAMES],
+                            "validation": [record["val"][k] for k in METRIC_NAMES]}, index=list(METRIC_NAMES))
     rates = pd.DataFrame.from_dict(record["group_rates"], orient="index")
     columns = [c for c in ("count", "base_rate", "mean_score", "selection_rate", "tpr", "fpr") if c in rates]
     timing = record["timings"]

@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from groupmixnorm.data.tabular import TabularDataset, encode_groups, make_preprocessor, to_split
+from groupmixnorm.data.tabular import TabularDataset, encode_groups, intersect_groups, make_preprocessor, to_split
 
 ADULT_COLUMNS: list[str] = [
     "age", "workclass", "fnlwgt", "education", "education-num", "marital-status", "occupation",
@@ -175,7 +175,7 @@ def _fairmixup_frames(seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
 
 
 def _with_intersection(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(**{INTERSECTION: frame["sex"] + " & " + frame["race"]})
+    return frame.assign(**{INTERSECTION: intersect_groups(frame[["sex", "race"]])})
 
 
 def _labels(frame: pd.DataFrame) -> np.ndarray:

@@ -28,8 +28,6 @@ IMAGE_FOLDER = "img_align_celeba"
 ATTRIBUTE_FILE = "list_attr_celeba.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 PARTITIONS = {"train": 0, "val": 1, "test": 2}
-#: The targets of the Fair Mixup CelebA experiments; Male is their protected attribute.
-FAIRMIXUP_TARGETS = ("Smiling", "Attractive", "Wavy_Hair")
 
 
 def load_celeba(
@@ -55,7 +53,7 @@ def load_celeba(
         same attribute as target and protected attribute, or an ``image_size`` below 4.
     """
     check_protocol("celeba", protocol)
-    folder = _checked_folder(data_dir)
+    folder = checked_folder(data_dir)
     if image_size < 4:
         raise ValueError(f"image_size must be at least 4 pixels, got {image_size}")
     names, attributes = read_attributes(folder / ATTRIBUTE_FILE)
@@ -74,9 +72,11 @@ def load_celeba(
                          protocol=protocol, scale=1.0 / 255.0)
 
 
-def _checked_folder(data_dir: str | os.PathLike | None) -> Path:
+def checked_folder(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` as a path, once it holds the files of the official release; ``ValueError`` naming what is
+    missing."""
     if data_dir is None:
-        raise ValueError(f"celeba is read from a local folder: pass --data-dir DIR, the folder holding {IMAGE_FOLDER}/, "
+        raise ValueError(f"celeba is read from a local folder: pass data_dir, the folder holding {IMAGE_FOLDER}/, "
                          f"{ATTRIBUTE_FILE} and {PARTITION_FILE} (see the README for how to obtain CelebA)")
     folder = Path(data_dir)
     for name in (IMAGE_FOLDER, ATTRIBUTE_FILE, PARTITION_FILE):

@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 from sklearn.tree import DecisionTreeClassifier
 
-from groupmixnorm.data.tabular import TabularDataset, encode_groups, make_preprocessor, stratified_holdout, to_split
+from groupmixnorm.data.tabular import (
+    TabularDataset, encode_groups, intersect_groups, make_preprocessor, stratified_holdout, to_split,
+)
 
 #: More distinct values than this in the protected column is almost surely a continuous column.
 MAX_GROUPS = 20
@@ -64,8 +66,11 @@ def load_csv(
         The column to predict. It must hold two distinct values, unless ``positive`` names the positive
         class (every other value is then negative).
     sensitive : str
-        The protected attribute's column, with 2 to :data:`MAX_GROUPS` distinct values. It is not an input
-        of the model. Group ids follow the sorted values (as strings).
+        The protected attribute's column, with 2 to :data:`MAX_GROUPS` distinct values; or several columns,
+        comma-separated (``"sex,race"``), for intersectional groups: each combination of values found is a
+        group, named like ``"female & black"`` (:func:`~groupmixnorm.data.tabular.intersect_groups`), and
+        2 to :data:`MAX_GROUPS` combinations are needed. These columns are not inputs of the model. Group
+        ids follow the sorted names (as strings).
     positive : str, optional
         The label value that counts as positive (compared as text, or as a number for a numeric column).
         Default: the larger of the two values (``1`` of 0/1, ``yes`` of no/yes, ``>50K`` of <=50K/>50K).
@@ -96,15 +101,17 @@ def load_csv(
     source = Path(path)
     _check_fractions(test_size, val_fraction)
     frame = read_table(source)
-    features = _feature_columns(frame, label, sensitive, drop, source)
+    columns = sensitive_columns(sensitive)
+    features = _feature_columns(frame, label, columns, drop, source)
     _check_finite(frame, features, source)
     rows = len(frame)
-    frame, dropped = _complete_rows(frame[[*features, label, sensitive]], strict, source)
+    frame, dropped = _complete_rows(frame[[*features, label, *columns]], strict, source)
     try:
         y, positive_name = binary_labels(frame[label], positive, label)
-        groups = sorted(frame[sensitive].astype(str).unique())
+        names = row_groups(frame, sensitive)
+        groups = sorted(names.unique())
         _check_groups(groups, sensitive)
-        a = encode_groups(frame[sensitive].astype(str), groups)
+        a = encode_groups(names, groups)
         index = np.arange(len(frame))
         rest, test = stratified_holdout(index, test_size, seed, y, a)
         train, val = stratified_holdout(rest, val_fraction, seed, y[rest], a[rest])
@@ -123,7 +130,7 @@ def load_csv(
                 f"the rest, seed {seed}, stratified by label and group")
     return TabularDataset(
         name="csv", train=splits[0], val=splits[1], test=splits[2],
-        feature_names=list(preprocessor.get_feature_names_out()), sensitive=sensitive, group_names=groups,
+        feature_names=list(preprocessor.get_feature_names_out()), sensitive=",".join(columns), group_names=groups,
         protocol=protocol, preprocessor=preprocessor,
     )
 
@@ -137,14 +144,31 @@ def load_csv_dataset(
     split_seed: int = 0,
     **options: object,
 ) -> TabularDataset:
-    """:func:`load_csv` under the names of the ``train`` flags (``--csv``, ``--label``, ``--split-seed``, ...);
-    this is how :func:`groupmixnorm.data.load_dataset` loads ``"csv"`` from a run's spec."""
+    """:func:`load_csv` under the option names of a run's spec (``csv``, ``label``, ``split_seed``, ..., as the
+    ``train`` flags name them); this is how :func:`groupmixnorm.data.load_dataset` loads ``"csv"``."""
     if label is None or sensitive is None:
-        raise CSVError("--csv needs --label COLUMN and --sensitive COLUMN")
+        raise CSVError(f"the CSV dataset {csv} needs label (the label column) and sensitive (the protected "
+                       "column or columns, comma-separated)")
     if protocol != "official":
-        raise CSVError(f"--protocol {protocol} does not apply to --csv "
-                       "(its split is set by --test-size and --split-seed)")
+        raise CSVError(f"protocol {protocol!r} does not apply to the CSV dataset {csv} "
+                       "(its split is set by test_size and split_seed)")
     return load_csv(csv, label=label, sensitive=sensitive, seed=split_seed, **options)  # type: ignore[arg-type]
+
+
+def sensitive_columns(sensitive: str) -> list[str]:
+    """The protected columns named by ``sensitive``: one column, or several separated by commas."""
+    columns = [name.strip() for name in sensitive.split(",")]
+    if not all(columns):
+        raise CSVError(f"sensitive columns {sensitive!r}: an empty column name (comma-separated names like sex,race)")
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise CSVError(f"sensitive columns {sensitive!r} name {', '.join(map(repr, repeated))} more than once")
+    return columns
+
+
+def row_groups(frame: pd.DataFrame, sensitive: str) -> pd.Series:
+    """Each row's protected group as text, from the column(s) ``sensitive`` names (see :func:`load_csv`)."""
+    return intersect_groups(frame[sensitive_columns(sensitive)]).astype(str)
 
 
 def read_table(source: Path) -> pd.DataFrame:
@@ -219,16 +243,18 @@ def _check_fractions(test_size: float, val_fraction: float) -> None:
         raise CSVError(f"validation fraction must be in (0, 1), got {val_fraction}")
 
 
-def _feature_columns(frame: pd.DataFrame, label: str, sensitive: str, drop: Sequence[str], source: Path) -> list[str]:
-    """The input columns: all but the label, the protected attribute and ``drop``; unknown names are errors."""
-    for role, column in (("label", label), ("sensitive", sensitive), *(("drop", c) for c in drop)):
+def _feature_columns(
+    frame: pd.DataFrame, label: str, sensitive: Sequence[str], drop: Sequence[str], source: Path
+) -> list[str]:
+    """The input columns: all but the label, the protected column(s) and ``drop``; unknown names are errors."""
+    for role, column in (("label", label), *(("sensitive", c) for c in sensitive), *(("drop", c) for c in drop)):
         if column not in frame.columns:
             raise CSVError(f"unknown {role} column {column!r} in {source}; its columns: {', '.join(frame.columns)}")
-    if label == sensitive:
+    if label in sensitive:
         raise CSVError(f"the label and the protected attribute are the same column {label!r}")
-    if {label, sensitive} & set(drop):
+    if {label, *sensitive} & set(drop):
         raise CSVError("--drop cannot drop the label or the protected attribute")
-    features = [c for c in frame.columns if c not in {label, sensitive, *drop}]
+    features = [c for c in frame.columns if c not in {label, *sensitive, *drop}]
     if not features:
         raise CSVError(f"{source} has no input columns left besides the label, the protected attribute and --drop")
     return features
@@ -278,18 +304,21 @@ def _check_finite(frame: pd.DataFrame, features: list[str], source: Path) -> Non
 
 
 def _check_groups(groups: list[str], sensitive: str) -> None:
+    if len(sensitive_columns(sensitive)) > 1:
+        what, values, remedy = f"sensitive columns {sensitive!r} have", "combinations of values", "use fewer columns"
+    else:
+        what, values, remedy = f"sensitive column {sensitive!r} has", "distinct values", "bin it into groups first"
     if len(groups) < 2:
-        raise CSVError(f"sensitive column {sensitive!r} has one value ({groups[0]!r}); "
-                       "fairness needs two groups or more")
+        raise CSVError(f"{what} one value ({groups[0]!r}); fairness needs two groups or more")
     if len(groups) > MAX_GROUPS:
-        raise CSVError(f"sensitive column {sensitive!r} has {len(groups)} distinct values (at most {MAX_GROUPS}); "
-                       "bin it into groups first")
+        raise CSVError(f"{what} {len(groups)} {values} (at most {MAX_GROUPS}); {remedy}")
 
 
 def column_warnings(frame: pd.DataFrame, features: Sequence[str], sensitive: str) -> list[str]:
     """One message per input column that defeats the purpose of a fair model, in column order.
 
-    Two rules, both cheap (one pass per column):
+    ``sensitive`` names the protected column, or several comma-separated (their intersectional groups, as
+    in :func:`load_csv`). Two rules, both cheap (one pass per column):
 
     - **Proxy of the protected attribute.** A column is reported when it alone predicts the group with a
       balanced accuracy (mean recall over groups) of at least :data:`LEAK_BALANCED_ACCURACY`. A categorical
@@ -301,7 +330,7 @@ def column_warnings(frame: pd.DataFrame, features: Sequence[str], sensitive: str
     - **Identifier.** A column whose values are all distinct, and are strings or whole numbers, in a table of
       at least :data:`MIN_ROWS_FOR_ID` rows (distinct fractional numbers are measurements, not IDs).
     """
-    groups = frame[sensitive].astype(str).to_numpy()
+    groups = row_groups(frame, sensitive).to_numpy()
     _, counts = np.unique(groups, return_counts=True)
     judge_leaks = len(counts) >= 2 and counts.min() >= MIN_ROWS_PER_GROUP_FOR_LEAK
     messages = []

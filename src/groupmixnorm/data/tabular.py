@@ -113,6 +113,24 @@ def make_preprocessor(numeric: list[str], categorical: list[str]) -> ColumnTrans
     )
 
 
+#: What joins the values of several protected columns into one intersectional group name.
+GROUP_JOINER = " & "
+
+
+def intersect_groups(frame: pd.DataFrame) -> pd.Series:
+    """One protected group per row from one or more columns of ``frame``.
+
+    A single column is returned as it is. Several give intersectional groups: each combination of values
+    is a group, named by the values as text joined with :data:`GROUP_JOINER` in column order (``"female &
+    black"``); a row with a missing value in any of the columns gets a missing group.
+    """
+    if frame.shape[1] == 1:
+        return frame.iloc[:, 0]
+    columns = [frame.iloc[:, i].astype(str) for i in range(frame.shape[1])]
+    joined = columns[0].str.cat(columns[1:], sep=GROUP_JOINER)  # vectorized: a row-wise join takes seconds on Adult
+    return joined.where(frame.notna().all(axis=1))
+
+
 def encode_groups(values: pd.Series, names: list[str]) -> np.ndarray:
     """Map raw protected-attribute values to ids ``0..len(names)-1`` (ids follow ``names``)."""
     lookup = {name: index for index, name in enumerate(names)}

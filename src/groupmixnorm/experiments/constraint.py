@@ -4,7 +4,7 @@ For each candidate method, its fairness knob is searched on the **validation** s
 sampler (log scale, ranges in :data:`KNOBS`), every method with the same number of trials. For each trial the
 decision threshold, one global value that needs no protected attribute, is chosen on validation among
 :data:`THRESHOLDS`. A trial is *feasible* when, for every bound, the upper end of the stratified bootstrap
-interval (95 %, seeded) of its validation gap is at most the bound (:func:`meets_bounds`): the margin that
+interval (95 %, seeded) of its validation gap is at most the bound (:func:`choose_threshold`): the margin that
 accounts for validation noise. The feasible trial with the best validation objective is chosen; only then,
 and only for it, is the test split scored (:func:`score_test`). During the search the training loop is
 handed the validation split in place of the test split, so no test row is seen before the choice.
@@ -13,6 +13,8 @@ handed the validation split in place of the test split, so no test row is seen b
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from groupmixnorm.metrics.distribution import abcc, dp_ks, eodds_ks
 from groupmixnorm.metrics.fairness import (
     accuracy, average_precision, dp_gap, dp_gap_hard, eodds_gap, eodds_gap_hard, eopp_gap, eopp_gap_hard,
 )
+from groupmixnorm.metrics.sanity import useless_model_warnings
 from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval
 
 #: The gaps a bound may name: the soft, thresholded and threshold-free gaps of
@@ -49,8 +52,6 @@ OBJECTIVES = ("ap", "accuracy")
 THRESHOLDS = tuple(round(value, 2) for value in np.arange(0.05, 0.951, 0.05))
 #: Bootstrap settings of the feasibility rule and of the reported intervals.
 RESAMPLES, CONFIDENCE = 200, 0.95
-#: Below this standard deviation of the validation scores the model has collapsed to (nearly) one score.
-COLLAPSED_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -89,15 +90,24 @@ def parse_bound(text: str) -> tuple[str, float]:
     name = name.strip()
     if not sign or not name or not value.strip():
         raise ValueError(f"--max-gap takes METRIC=BOUND, such as dp_gap_hard=0.05, got {text!r}")
-    if name not in GAP_METRICS:
-        raise ValueError(f"--max-gap {text!r}: {name!r} is not a gap metric; choose from {', '.join(GAP_METRICS)}")
     try:
-        bound = float(value)
-    except ValueError:
-        raise ValueError(f"--max-gap {text!r}: the bound {value.strip()!r} is not a number") from None
-    if not 0.0 <= bound <= 1.0:  # NaN fails both comparisons
-        raise ValueError(f"--max-gap {text!r}: the bound must be in [0, 1], got {value.strip()}")
-    return name, bound
+        return name, check_bound(name, value.strip())
+    except ValueError as error:
+        raise ValueError(f"--max-gap {text!r}: {error}") from None
+
+
+def check_bound(name: str, bound: Any) -> float:
+    """``bound`` as a float; ``ValueError`` if ``name`` is not one of :data:`GAP_METRICS` or the bound is
+    not a number in [0, 1]."""
+    if name not in GAP_METRICS:
+        raise ValueError(f"{name!r} is not a gap metric; choose from {', '.join(GAP_METRICS)}")
+    try:
+        value = float(bound)
+    except (TypeError, ValueError):
+        raise ValueError(f"the bound {bound!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"the bound must be in [0, 1], got {bound}")
+    return value
 
 
 def parse_bounds(texts: Sequence[str]) -> dict[str, float]:
@@ -119,18 +129,24 @@ def target_fairness(bounds: Mapping[str, float]) -> str:
 
 def auto_methods() -> list[str]:
     """The methods ``--methods auto`` searches: those that need no protected attribute at prediction and whose
-    models can be saved (expgrad's cannot), with their default options."""
+    models can be saved (those fitted outside the loop cannot), with their default options."""
     from groupmixnorm.methods import METHODS
 
-    return [name for name, cls in sorted(METHODS.items()) if name != "expgrad" and not cls().uses_sensitive_at_prediction()]
+    return [name for name, cls in sorted(METHODS.items())
+            if not cls.fitted_outside_loop and not cls().uses_sensitive_at_prediction()]
+
+
+def candidate_options(name: str, bounds: Mapping[str, float], given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fixed options of candidate method ``name``: the fairness the bounds ask for
+    (:func:`target_fairness`) where the method has that option, then the ``given`` ones."""
+    from groupmixnorm.methods import METHODS
+    from groupmixnorm.methods.base import method_fields
+
+    fields = {item.name for item in method_fields(METHODS[name])}
+    return {**({"fairness": target_fairness(bounds)} if "fairness" in fields else {}), **(given or {})}
 
 
 # ------------------------------------------------------------------------------------------- feasibility
-
-
-def meets_bounds(upper: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
-    """The feasibility rule: every bounded gap's CI upper end is at most its bound."""
-    return all(upper[name] <= bound for name, bound in bounds.items())
 
 
 def gap_interval(name: str, y: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float, *,
@@ -234,9 +250,9 @@ def fit_candidate(method: Any, data: Any, config: Any) -> tuple[Scorer, Any]:
     masked = dataclasses.replace(data, test=data.val)
     check_splits(masked)
     seed_everything(config.seed)
-    outside = method.fit_outside_loop(masked, config.seed)
+    outside = method.fit_outside_loop(masked, config)
     if outside is not None:
-        return (lambda split: np.asarray(outside(split.X), dtype=np.float64)), None
+        return (lambda split: np.asarray(outside(split.X, split.a), dtype=np.float64)), None
     model = train(method, masked, config).model
     return (lambda split: evaluate(method, model, to_tensors(split, config.device))[1]), model
 
@@ -263,14 +279,24 @@ def search(
     budget: int,
     select: str = "ap",
     on_trial: Callable[[Trial, Trial | None], None] | None = None,
+    executor: Any = None,
 ) -> SearchResult:
     """Search each method's knob (``budget`` trials per method; one for a method without a knob) and pick
     the feasible trial with the best validation ``select``. ``methods`` maps names to fixed options.
-    ``on_trial(trial, best_so_far)`` is called after every trial."""
+    ``on_trial(trial, best_so_far)`` is called after every trial.
+
+    Each method's search is sequential TPE seeded by ``config.seed``. ``executor`` (see
+    :mod:`~groupmixnorm.experiments.executors`; default this process) runs the trials: the methods' searches
+    side by side, one trial of each at a time, so the trials and the choice are the same whatever runs them
+    (ties go to the earlier method and trial). A chosen model trained in another process is trained again
+    here, from the same seed, and checked to give the same validation scores.
+    """
     import optuna
 
-    if budget < 1:
-        raise ValueError(f"--budget must be at least 1, got {budget}")
+    from groupmixnorm.experiments.executors import Sequential
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be a whole number of trials, at least 1, got {budget!r}")
     if select not in OBJECTIVES:
         raise ValueError(f"the search maximises one of {OBJECTIVES}, got {select!r}")
     started = time.perf_counter()
@@ -278,61 +304,132 @@ def search(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no log line per trial: the bar shows progress
     try:
-        for name, options in methods.items():
-            run.search_method(name, options, budget)
+        run.search_all(methods, budget, executor or Sequential())
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return SearchResult(run.trials, run.best, run.scorer, run.method, run.model, time.perf_counter() - started)
+    trials = [trial for _, trial in sorted(run.done, key=lambda item: item[0])]
+    scorer, method, model = run.fit.fitted if run.fit is not None and run.fit.fitted else (None, None, None)
+    return SearchResult(trials, run.best, scorer, method, model, time.perf_counter() - started)
+
+
+@dataclass
+class TrialFit:
+    """What one trial's task returns: the threshold chosen on validation, the trial's seconds, a digest of
+    its validation scores, and (only for a task run in the calling process) its scorer, method and model."""
+
+    choice: ThresholdChoice
+    seconds: float
+    digest: str
+    fitted: tuple[Scorer, Any, Any] | None = None
+
+
+def fit_trial(data: Any, config: Any, bounds: Mapping[str, float], name: str, options: dict[str, Any],
+              keep: bool) -> TrialFit:
+    """One trial as an executor's task: train method ``name`` with ``options`` (:func:`fit_candidate`) and
+    choose its threshold on validation; ``keep`` returns the scorer, method and model too. ``data`` may be
+    what :meth:`~groupmixnorm.experiments.executors.Executor.share` returned."""
+    from groupmixnorm.experiments.executors import shared_value
+    from groupmixnorm.methods import make_method
+
+    clock = time.perf_counter()
+    data = shared_value(data)
+    method = make_method(name, **options)
+    scorer, model = fit_candidate(method, data, config)
+    scores = scorer(data.val)
+    choice = choose_threshold(data.val.y, scores, data.val.a, bounds, seed=config.seed)
+    return TrialFit(choice, time.perf_counter() - clock, _digest(scores), (scorer, method, model) if keep else None)
+
+
+def _digest(scores: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
+
+
+@dataclass
+class _Lane:
+    """One method's search: its knob and Optuna study (``None`` for a method without a knob), the trials
+    asked so far and how many it has, and whether one is running."""
+
+    position: int
+    name: str
+    options: dict[str, Any]
+    knob: Knob | None
+    study: Any
+    trials: int
+    asked: int = 0
+    busy: bool = False
 
 
 class _Search:
-    """The state of one search: the trials so far and the best feasible one, with its scorer and model."""
+    """The state of one search: the trials so far (with their place: method, then trial number) and the
+    best feasible one with its fit."""
 
     def __init__(self, data: Any, bounds: Mapping[str, float], config: Any, select: str,
                  on_trial: Callable[[Trial, Trial | None], None] | None) -> None:
         self.data, self.bounds, self.config, self.select, self.on_trial = data, bounds, config, select, on_trial
-        self.trials: list[Trial] = []
+        self.done: list[tuple[tuple[int, int], Trial]] = []
         self.best: Trial | None = None
-        self.scorer: Scorer | None = None
-        self.method: Any = None
-        self.model: Any = None
+        self.fit: TrialFit | None = None
+        self.rank: tuple[float, int, int] | None = None
 
-    def search_method(self, name: str, options: dict[str, Any], budget: int) -> None:
-        """``budget`` Optuna trials of one method's knob (one plain trial if it has none)."""
+    def search_all(self, methods: Mapping[str, dict[str, Any]], budget: int, executor: Any) -> None:
+        """Every method's trials on ``executor``: a method's next trial is asked once its last one is told."""
         import optuna
 
-        knob = KNOBS.get(name)
-        if knob is None:
-            self.run_trial(name, options, None, None)
-            return
+        from groupmixnorm.experiments.executors import stream
 
-        def objective(optuna_trial: Any) -> float:
-            value = optuna_trial.suggest_float(knob.name, knob.low, knob.high, log=True)
-            trial = self.run_trial(name, options, knob, value)
-            _set_constraints(optuna_trial, {n: trial.choice.upper[n] - b for n, b in self.bounds.items()})
-            return trial.choice.objective(self.select)
+        lanes = []
+        for position, (name, options) in enumerate(methods.items()):
+            knob = KNOBS.get(name)
+            study = None if knob is None else optuna.create_study(direction="maximize",
+                                                                  sampler=_sampler(self.config.seed))
+            lanes.append(_Lane(position, name, options, knob, study, 1 if knob is None else budget))
+        data = executor.share(self.data)
 
-        study = optuna.create_study(direction="maximize", sampler=_sampler(self.config.seed))
-        study.optimize(objective, n_trials=budget)
+        def ready(free: int) -> list[tuple[Any, Callable[[], TrialFit]]]:
+            idle = [lane for lane in lanes if not lane.busy and lane.asked < lane.trials]
+            return [self._ask(lane, data, executor.in_process) for lane in idle[:free]]
 
-    def run_trial(self, name: str, options: dict[str, Any], knob: Knob | None, value: float | None) -> Trial:
-        """Train one candidate, choose its threshold on validation and keep it if it is the best feasible."""
-        from groupmixnorm.methods import make_method
+        for (lane, asked, value, options), fit in stream(executor, ready):
+            self._tell(lane, asked, value, options, fit)
+        if self.fit is not None and self.fit.fitted is None:
+            self._refit(executor.threads)
 
-        clock = time.perf_counter()
-        full = {**options, **({} if knob is None else {knob.name: value})}
-        method = make_method(name, **full)
-        scorer, model = fit_candidate(method, self.data, self.config)
-        val = self.data.val
-        choice = choose_threshold(val.y, scorer(val), val.a, self.bounds, seed=self.config.seed)
-        trial = Trial(name, knob.name if knob else None, value, choice, time.perf_counter() - clock, full)
-        self.trials.append(trial)
-        if trial.feasible and (self.best is None or
-                               choice.objective(self.select) > self.best.choice.objective(self.select)):
-            self.best, self.scorer, self.method, self.model = trial, scorer, method, model
+    def _ask(self, lane: _Lane, data: Any, keep: bool) -> tuple[Any, Callable[[], TrialFit]]:
+        asked = None if lane.study is None else lane.study.ask()
+        value = None if asked is None else asked.suggest_float(lane.knob.name, lane.knob.low, lane.knob.high, log=True)
+        options = {**lane.options, **({} if lane.knob is None else {lane.knob.name: value})}
+        lane.asked, lane.busy = lane.asked + 1, True
+        call = functools.partial(fit_trial, data, self.config, dict(self.bounds), lane.name, options, keep)
+        return (lane, asked, value, options), call
+
+    def _tell(self, lane: _Lane, asked: Any, value: float | None, options: dict[str, Any], fit: TrialFit) -> None:
+        """Record a finished trial, keep it if it is the best feasible, and tell its study."""
+        lane.busy = False
+        trial = Trial(lane.name, lane.knob.name if lane.knob else None, value, fit.choice, fit.seconds, options)
+        self.done.append(((lane.position, lane.asked), trial))
+        rank = (fit.choice.objective(self.select), -lane.position, -lane.asked)
+        if trial.feasible and (self.rank is None or rank > self.rank):
+            self.best, self.fit, self.rank = trial, fit, rank
+        if asked is not None:
+            _set_constraints(asked, {n: fit.choice.upper[n] - b for n, b in self.bounds.items()})
+            lane.study.tell(asked, fit.choice.objective(self.select))
         if self.on_trial is not None:
             self.on_trial(trial, self.best)
-        return trial
+
+    def _refit(self, threads: int | None) -> None:
+        """Train the chosen trial again in this process (it ran elsewhere) and check it is the same model."""
+        from groupmixnorm.methods import make_method
+        from groupmixnorm.training.threads import torch_threads
+
+        assert self.best is not None and self.fit is not None
+        with torch_threads(threads):
+            method = make_method(self.best.method, **self.best.options)
+            scorer, model = fit_candidate(method, self.data, self.config)
+            same = _digest(scorer(self.data.val)) == self.fit.digest
+        if not same:
+            raise RuntimeError(f"training the chosen trial ({self.best.method}, {self.best.options}) again gave other "
+                               "validation scores than its trial did: training is not deterministic here")
+        self.fit.fitted = (scorer, method, model)
 
 
 def _sampler(seed: int) -> Any:
@@ -398,18 +495,8 @@ def score_test(result: SearchResult, data: Any, bounds: Mapping[str, float], *, 
 
 def weak_model_warnings(split: Any, scores: np.ndarray, threshold: float) -> list[str]:
     """Lines warning that the chosen model is no better than the majority class on validation, or that its
-    validation scores have collapsed."""
-    lines = []
-    majority = max(float(np.mean(split.y)), 1.0 - float(np.mean(split.y)))
-    chosen = accuracy(split.y, scores, threshold)
-    if chosen <= majority:
-        lines.append(f"the chosen model's validation accuracy {chosen:.4f} is no better than predicting the majority "
-                     f"class ({majority:.4f})")
-    spread = float(np.std(scores))
-    if spread < COLLAPSED_STD:
-        lines.append(f"the chosen model's validation scores have collapsed (standard deviation {spread:.4f} < "
-                     f"{COLLAPSED_STD}): it gives nearly every row the same score")
-    return lines
+    validation scores have collapsed (:func:`~groupmixnorm.metrics.sanity.useless_model_warnings`)."""
+    return useless_model_warnings(split.y, scores, threshold, model="the chosen model", split="validation")
 
 
 def front_table(trials: Sequence[Trial], bounds: Mapping[str, float], chosen: Trial | None) -> Any:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from groupmixnorm.data import Split
 from groupmixnorm.experiments.spec import run_record, setting_label
 from groupmixnorm.methods import make_method
-from groupmixnorm.methods.base import Batch, Method, ModelSpec
+from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling
 from groupmixnorm.nn import GroupMixNorm1d
 from groupmixnorm.training import TrainConfig, train
 from groupmixnorm.training.checkpoint import Checkpoint
@@ -52,10 +52,10 @@ class FromPretrained(Method):
         self.pretrained_state = pretrained_state
         self.calibration_x = calibration_x
         self.name = inner.name
+        self.supports_distributed = inner.supports_distributed
 
-    @property
-    def sampling(self):  # type: ignore[override]
-        return self.inner.sampling
+    def batch_sampling(self) -> Sampling:
+        return self.inner.batch_sampling()
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         model = self.inner.build_model(spec)
@@ -73,8 +73,8 @@ class FromPretrained(Method):
             _start_as_identity(model, self.calibration_x, shift=absorbed.get(f"{len(model) - 2}.bias"))
         return model
 
-    def setup(self, model: nn.Module, seed: int) -> None:
-        self.inner.setup(model, seed)
+    def setup(self, model: nn.Module, seed: int, spec: ModelSpec) -> None:
+        self.inner.setup(model, seed, spec)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         return self.inner.training_loss(model, batch)
@@ -129,7 +129,7 @@ def debias(
     fraction and the pre-trained checkpoint in its ``spec``.
     """
     if method not in DEBIAS_METHODS:
-        raise ValueError(f"debias supports --method {' or '.join(DEBIAS_METHODS)}, got {method!r}")
+        raise ValueError(f"debias fine-tunes with method {' or '.join(DEBIAS_METHODS)}, got {method!r}")
     if checkpoint.method.name != "erm":
         raise ValueError(f"debias starts from an ERM checkpoint; this one was trained with {checkpoint.method.name!r}")
     options = dict(options or {})

@@ -17,12 +17,12 @@ from typing import Any
 import pandas as pd
 
 from groupmixnorm.experiments.bench import RecordStore, train_with_checkpoint
+from groupmixnorm.experiments.debias import DEBIAS_METHODS, debias
 from groupmixnorm.experiments.report import over_seeds
 from groupmixnorm.experiments.spec import RunSpec
 from groupmixnorm.training import TrainConfig, write_json_atomic, write_text_atomic
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
-FINE_TUNERS = ("gmn", "gapreg")
 FINE_TUNE_EPOCHS = 5
 COLUMNS = ("accuracy", "ap", "dp_gap", "eodds_gap")
 
@@ -45,7 +45,7 @@ def run_debias_bench(
             on_run(f"erm and gmn seed {seed}")
         checkpoint = load_checkpoint(pretrained)
         for fraction in fractions:
-            for method in FINE_TUNERS:
+            for method in DEBIAS_METHODS:
                 record = _debias_once(root, checkpoint, pretrained, method, fraction, seed)
                 records.append({**record, "role": f"debias {method}", "fraction": fraction})
                 if on_run:
@@ -56,8 +56,6 @@ def run_debias_bench(
 def _debias_once(
     root: Path, checkpoint: Any, checkpoint_path: Path, method: str, fraction: float, seed: int
 ) -> dict[str, Any]:
-    from groupmixnorm.experiments.debias import debias
-
     path = Path(root) / f"debias-{method}-f{fraction:g}-s{seed}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))

@@ -14,12 +14,9 @@ from typing import Any, Callable
 from groupmixnorm.data import load_dataset
 from groupmixnorm.data.csv import CSVError, read_table
 from groupmixnorm.methods import make_method
-from groupmixnorm.metrics import METRIC_NAMES
+from groupmixnorm.metrics import METRIC_NAMES, useless_model_warnings
 from groupmixnorm.training import TrainConfig, environment_versions, train
 from groupmixnorm.training.resume import ResumePoint
-
-#: The metrics a run record stores for the test and the validation split.
-METRIC_KEYS = METRIC_NAMES
 
 
 @dataclass(frozen=True)
@@ -95,8 +92,8 @@ def execute(
     source = data_fingerprint(spec.to_dict())  # before loading: a file changed meanwhile fails the later check
     data = load_run_data(spec.to_dict())
     method = make_method(spec.method, **spec.method_options)
-    if save_to is not None and method.name == "expgrad":
-        raise ValueError("--save supports the torch-trained methods; expgrad models are not saved")
+    if save_to is not None and method.fitted_outside_loop:
+        raise ValueError(f"save_to supports the torch-trained methods; {method.name} models are not saved")
     point = None if state_path is None else ResumePoint(Path(state_path), spec.to_dict(), resume)
     result = train(method, data, spec.config, on_epoch=on_epoch, resume=point)
     if save_to is not None:
@@ -116,8 +113,10 @@ def run_record(
     method: Any, data: Any, result: Any, *, spec: dict[str, Any], setting: str, seed: int, command: str, started: float
 ) -> dict[str, Any]:
     """The JSON-ready record of a finished training: test metrics at the top level, then everything that
-    explains them (spec, options, data, selection, validation metrics, rates, history, timings, versions)."""
-    record: dict[str, Any] = {key: result.metrics[key] for key in METRIC_KEYS}
+    explains them (spec, options, data, selection, validation metrics, rates, history, timings, versions),
+    and ``warnings``: the lines of :func:`~groupmixnorm.metrics.useless_model_warnings` on the test split
+    (empty for a model of some use)."""
+    record: dict[str, Any] = {key: result.metrics[key] for key in METRIC_NAMES}
     record.update(
         method=method.name,
         setting=setting,
@@ -129,13 +128,14 @@ def run_record(
                  "group_names": list(data.group_names), "features": data.num_features,
                  "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
         selected_epoch=result.selected_epoch,
-        val={key: result.val_metrics[key] for key in METRIC_KEYS},
+        val={key: result.val_metrics[key] for key in METRIC_NAMES},
         group_rates=json.loads(result.group_rates.to_json(orient="index")),
         history=result.history,
         timings={"epoch_seconds": result.epoch_seconds, "median_epoch_seconds": result.median_epoch_seconds,
                  "total_seconds": time.perf_counter() - started},
         versions=environment_versions(),
         command=command,
+        warnings=useless_model_warnings(data.test.y, result.test_scores),
     )
     return record
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from groupmixnorm.experiments.bench import BenchPlan, RecordStore, Setting, run_plan
-from groupmixnorm.metrics import METRIC_NAMES
+from groupmixnorm.experiments.bench import BenchPlan, RecordStore, Setting, run_plans
+from groupmixnorm.experiments.executors import Executor
+from groupmixnorm.experiments.selection import BOUNDS, validated_runs_table
 from groupmixnorm.training import TrainConfig
 
 #: The data sets of the full bench, each with its default protected attribute.
@@ -30,7 +31,7 @@ QUICK_DATASETS = ("german", "compas")
 #: Each method's fairness knob and its values, weak to strong, all for demographic parity. Every method
 #: with a knob gets the same number of values; ERM has none and trains once per seed (see :data:`BUDGET`).
 #: The ranges follow each penalty's scale: HSIC and the prejudice index are small numbers, so their weights
-#: are larger; expgrad's ``eps`` is a bound, so strong means small.
+#: are larger; expgrad's ``eps`` and thresholdopt's ``tol`` are bounds, so strong means small.
 KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
     "gmn": ("align", (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
     "scorematch": ("lam", (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
@@ -41,6 +42,7 @@ KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
     "prem": ("lam", (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)),
     "fairret": ("lam", (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)),
     "expgrad": ("eps", (0.1, 0.05, 0.02, 0.01, 0.005, 0.002)),
+    "thresholdopt": ("tol", (0.2, 0.1, 0.05, 0.02, 0.01, 0.0)),
 }
 #: The settings of every method with a knob per data set (the tuning budget).
 BUDGET = 6
@@ -49,19 +51,18 @@ FIXED_OPTIONS: dict[str, dict[str, Any]] = {
     "gmn": {"placement": "logit", "align_quantiles": 16, "fairness": "dp"},
     **{method: {"fairness": "dp"} for method in KNOBS if method != "gmn"},
 }
-#: Methods gmn is compared with: every other method but ERM (no mitigation). thresholdopt is not in the
-#: package yet; expgrad is a peer (it needs the attribute only when fitting).
-PEERS = tuple(method for method in KNOBS if method != "gmn")
+#: Methods that need the protected attribute at prediction: shown as references (what a model allowed to
+#: read the attribute reaches), never counted as gmn's peers.
+REFERENCES = ("thresholdopt",)
+#: Methods gmn is compared with: every other method but ERM (no mitigation) and the references. expgrad is
+#: a peer (it needs the attribute only when fitting).
+PEERS = tuple(method for method in KNOBS if method != "gmn" and method not in REFERENCES)
 
 #: The full bench's loop: 20 epochs of 50 batches (1000 optimizer steps on every data set), the epoch with
 #: the best validation AP kept, each method's own batches (``sampling="auto"``).
 FULL_CONFIG = TrainConfig(epochs=20, iterations=50, batch_size=256, hidden=(200, 200), select="ap", sampling="auto")
 QUICK_CONFIG = TrainConfig(epochs=2, iterations=3, batch_size=32, hidden=(16,), select="ap", sampling="auto")
 
-#: The constrained gaps of the report and their bounds.
-BOUNDS: dict[str, tuple[float, ...]] = {
-    "dp_gap_hard": (0.02, 0.05, 0.10), "eodds_gap_hard": (0.02, 0.05, 0.10), "dp_ks": (0.05, 0.10, 0.20),
-}
 #: The gaps of the front plots.
 FRONT_GAPS = ("dp_gap_hard", "dp_ks")
 
@@ -104,35 +105,14 @@ def tabular_plans(
 
 
 def run_tabular(
-    plans: Sequence[BenchPlan], records_root: Path, *, on_run: Callable[..., None] | None = None
+    plans: Sequence[BenchPlan], records_root: Path, *, on_run: Callable[..., None] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run every plan (records under ``records_root/<dataset>/records``); the records per data set."""
-    return {
-        plan.dataset_name: run_plan(plan, RecordStore(Path(records_root) / plan.dataset_name / "records"),
-                                    on_run=on_run)
-        for plan in plans
-    }
-
-
-def tabular_runs_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run: dataset, method, setting, seed, ``val_*`` and ``test_*`` for every metric of
-    :data:`~groupmixnorm.metrics.METRIC_NAMES`, the selected epoch, seconds per epoch and the command."""
-    rows = []
-    for record in records:
-        row: dict[str, Any] = {"dataset": record["dataset"]["name"], "method": record["method"],
-                               "setting": record["setting"], "seed": record["seed"]}
-        row.update({f"val_{key}": record["val"][key] for key in METRIC_NAMES})
-        row.update({f"test_{key}": record[key] for key in METRIC_NAMES})
-        row.update(selected_epoch=record["selected_epoch"],
-                   epoch_seconds=record["timings"]["median_epoch_seconds"], command=record["command"])
-        rows.append(row)
-    return pd.DataFrame(rows, columns=tabular_columns())
-
-
-def tabular_columns() -> list[str]:
-    """The columns of each data set's ``runs.csv``, in order."""
-    return ["dataset", "method", "setting", "seed", *(f"val_{k}" for k in METRIC_NAMES),
-            *(f"test_{k}" for k in METRIC_NAMES), "selected_epoch", "epoch_seconds", "command"]
+    """Run every plan (records under ``records_root/<dataset>/records``) on one ``executor`` (default this
+    process; see :func:`~groupmixnorm.experiments.bench.run_plans`); the records per data set."""
+    jobs = [(plan, RecordStore(Path(records_root) / plan.dataset_name / "records")) for plan in plans]
+    records = run_plans(jobs, on_run=on_run, executor=executor)
+    return {plan.dataset_name: plan_records for plan, plan_records in zip(plans, records)}
 
 
 def write_tabular_results(
@@ -146,7 +126,7 @@ def write_tabular_results(
     written, tables, plots = [], {}, {}
     for dataset, dataset_records in records.items():
         folder = results_dir / "tabular" / dataset
-        tables[dataset] = tabular_runs_table(dataset_records)
+        tables[dataset] = validated_runs_table(dataset_records)
         written.append(report.write_csv_atomic(tables[dataset], folder / "runs.csv"))
         plots[dataset] = [_plot_front(tables[dataset], gap, folder / f"ap_vs_{gap}.png", dataset) for gap in FRONT_GAPS]
         written += plots[dataset]
@@ -197,7 +177,9 @@ def tabular_markdown(
         f"MLP {list(config.hidden)}, Adam lr {config.lr}, {config.epochs} epochs of {config.iterations} batches "
         f"of {config.batch_size} ({config.epochs * config.iterations} optimizer steps on every data set), "
         "each method's own batches (`sampling=auto`), the epoch with the best validation AP kept. expgrad fits "
-        "fairlearn's reduction over logistic regression outside the loop.",
+        "fairlearn's reduction over logistic regression outside the loop; thresholdopt fits fairlearn's "
+        "`ThresholdOptimizer` (demographic parity, relaxed by `tol`) on the training-split scores of the ERM network "
+        "of the same seed and loop.",
         "",
         "Tuning budget per data set: " + ", ".join(f"{method} {count}" for method, count in budget.items())
         + " setting(s). Every method with a fairness knob gets the same number of knob values, all for "
@@ -210,8 +192,11 @@ def tabular_markdown(
         "read for the chosen run only. Cells: mean test AP over the seeds that met the bound, with a 95 % t "
         "interval, and the mean test gap. Hard gaps at threshold 0.5 (fairlearn's definitions); `dp_ks` is the "
         "Kolmogorov-Smirnov distance between the groups' score distributions. gmn's verdict is a paired "
-        "comparison over seeds with the peer of best mean test AP; peers: " + ", ".join(PEERS)
-        + " (ERM is not a mitigation; thresholdopt is not in the package yet).",
+        "comparison over seeds with the best peer: the one of best mean test AP among the peers that met the bound "
+        "on every seed gmn met it on (`selection.compare_to_best_peer`); peers: " + ", ".join(PEERS)
+        + " (ERM is not a mitigation; " + ", ".join(REFERENCES) + " reads the protected attribute at prediction, "
+        "so it is a reference, marked *(needs attribute)*, not a peer; its score is the probability that its "
+        "randomized group thresholds select a row, which takes few values, so its AP is that of a decision).",
         "",
     ]
     order = {method: index for index, method in enumerate(budget)}
@@ -238,6 +223,7 @@ def tabular_markdown(
                   "`dp_gap_hard <= 0.05` and `dp_ks <= 0.1` columns):", "",
                   report.markdown_table(pd.DataFrame(verdict_table).fillna("—").rename_axis("dataset").reset_index()),
                   ""]
+    lines += _monotonicity_section(runs)
     lines += ["## Fronts (every setting, test means over seeds, standard deviations as bars)", ""]
     for dataset, paths in plots.items():
         lines += [f"![{dataset}: {p.stem}]({p.relative_to(results_dir).as_posix()})" for p in paths] + [""]
@@ -246,7 +232,7 @@ def tabular_markdown(
 
 def _shown(rows: pd.DataFrame, gap: str) -> pd.DataFrame:
     return pd.DataFrame({
-        "method": rows["method"],
+        "method": [f"{m} *(needs attribute)*" if m in REFERENCES else m for m in rows["method"]],
         "test AP (95 % CI)": [str(v) if v is not None else "—" for v in rows["test_ap"]],
         f"test {gap}": [f"{v.estimate:.4f}" if v is not None else "—" for v in rows[f"test_{gap}"]],
         "seeds met": [f"{met}/{n}" for met, n in zip(rows["feasible_seeds"], rows["seeds"])],
@@ -280,6 +266,47 @@ def _cross_summary(summaries: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+def knob_monotonicity(runs: pd.DataFrame, gap: str = "dp_gap_hard") -> pd.DataFrame:
+    """How monotone each method's validation ``gap`` is in its knob, from weak to strong (:data:`KNOBS`):
+    per method, over data sets and seeds, the mean Spearman correlation between the knob's strength rank and
+    the gap (-1: the gap always falls as the knob strengthens) and the share of (data set, seed) sweeps in
+    which the gap never rises from one value to the next. A method whose gap is monotone could be searched
+    by bisection; the others need a search that assumes nothing (``train --max-gap`` uses Optuna's TPE)."""
+    rows = []
+    for method, (knob, values) in KNOBS.items():
+        strength = {f"{knob}={value}": rank for rank, value in enumerate(values)}
+        own = runs[runs["method"] == method]
+        ranks = own["setting"].map(lambda label: next((r for key, r in strength.items() if key in label.split(",")), None))
+        own = own.assign(strength=ranks).dropna(subset=["strength"])
+        correlations, monotone = [], []
+        for _, sweep in own.groupby(["dataset", "seed"]):
+            ordered = sweep.sort_values("strength")[f"val_{gap}"].to_numpy(float)
+            if len(ordered) < 3:
+                continue
+            monotone.append(bool(np.all(np.diff(ordered) <= 0)))
+            if np.ptp(ordered) > 0:  # a constant sweep (every gap 0, say) is monotone but has no correlation
+                correlations.append(pd.Series(ordered).corr(pd.Series(np.arange(len(ordered))), method="spearman"))
+        if monotone:
+            rows.append({"method": method, "knob": knob, "sweeps": len(monotone),
+                         "mean Spearman": f"{np.nanmean(correlations):.2f}",
+                         "monotone sweeps": f"{np.mean(monotone):.0%}"})
+    return pd.DataFrame(rows)
+
+
+def _monotonicity_section(runs: pd.DataFrame) -> list[str]:
+    from groupmixnorm.experiments import report
+
+    table = knob_monotonicity(runs)
+    if table.empty:
+        return []
+    return ["## Is each knob monotone?", "",
+            "Validation `dp_gap_hard` against each knob's six values, weak to strong, per data set and seed "
+            "(`tabular_bench.knob_monotonicity`): the mean Spearman correlation (-1 when the gap always falls) and "
+            "the share of sweeps where it never rises. This is why `train --max-gap` searches with Optuna's TPE "
+            "rather than by bisection.", "",
+            report.markdown_table(table), ""]
+
+
 def budget_per_method(plan: BenchPlan) -> dict[str, int]:
     """How many settings each method has in ``plan``."""
     counts: dict[str, int] = {}
@@ -288,6 +315,6 @@ def budget_per_method(plan: BenchPlan) -> dict[str, int]:
     return counts
 
 
-__all__ = ["BOUNDS", "BUDGET", "DATASETS", "KNOBS", "PEERS", "budget_per_method", "choices_for", "run_tabular",
-           "tabular_columns", "tabular_markdown", "tabular_plans", "tabular_runs_table", "tabular_settings",
+__all__ = ["BOUNDS", "BUDGET", "DATASETS", "KNOBS", "PEERS", "REFERENCES", "budget_per_method", "choices_for", "run_tabular",
+           "tabular_markdown", "tabular_plans", "tabular_settings",
            "write_tabular_results"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import ModelSpec
 from groupmixnorm.training import TrainConfig
 from groupmixnorm.training.loop import to_tensors, train_one_epoch
+from groupmixnorm.training.prepare import prepare
 
 
 def time_epochs(
@@ -50,10 +52,6 @@ def _epoch_runner(
     method_name: str, options: dict[str, Any], sampling: str, data: TabularDataset, split: Any, config: TrainConfig
 ) -> Callable[[], Any]:
     method = make_method(method_name, **options)
-    settings = TrainConfig(**{**config.__dict__, "sampling": sampling})
-    torch.manual_seed(settings.seed)
-    model = method.build_model(ModelSpec.of(data, settings.hidden))
-    method.setup(model, settings.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
-    return lambda: train_one_epoch(method, model, optimizer, split, settings, generator, 0)
+    settings = dataclasses.replace(config, sampling=sampling)
+    run = prepare(method, ModelSpec.of(data, settings.hidden), settings)
+    return lambda: train_one_epoch(method, run.trained, run.optimizer, split, settings, run.generator, 0)

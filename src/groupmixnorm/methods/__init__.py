@@ -15,12 +15,13 @@ from groupmixnorm.methods.gapreg import GapRegularization
 from groupmixnorm.methods.gmn import GroupMixNormMethod
 from groupmixnorm.methods.models import build_cnn, build_mlp, build_network
 from groupmixnorm.methods.scorematch import ScoreMatching
+from groupmixnorm.methods.thresholdopt import ThresholdOptimization
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         ERM, GroupMixNormMethod, GapRegularization, AdversarialDebiasing, FairMixup, ExponentiatedGradientMethod,
-        HSICPenalty, PrejudiceRemover, ScoreMatching, FairretPenalty,
+        HSICPenalty, PrejudiceRemover, ScoreMatching, FairretPenalty, ThresholdOptimization,
     )
 }
 

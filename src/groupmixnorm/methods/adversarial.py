@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
 
 
@@ -24,16 +24,15 @@ class AdversarialDebiasing(Method):
     name = "adversarial"
     lam: float = option(1.0, "weight of the adversary's loss subtracted from the predictor's")
     fairness: str = option("dp", "what the adversary sees: dp (the logit) or eo (the logit and the label)",
-                           choices=("dp", "eo"))
+                           choices=FAIRNESS_CHOICES)
     adversary_lr: float = option(1e-3, "Adam learning rate of the adversary")
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        self.num_groups = spec.num_groups
         return build_network(spec)
 
-    def setup(self, model: nn.Module, seed: int) -> None:
+    def setup(self, model: nn.Module, seed: int, spec: ModelSpec) -> None:
         inputs = 1 if self.fairness == "dp" else 3
-        self.adversary = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, self.num_groups))
+        self.adversary = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, spec.num_groups))
         self.adversary.to(next(model.parameters()).device)
         self.adversary_optimizer = torch.optim.Adam(self.adversary.parameters(), lr=self.adversary_lr)
 

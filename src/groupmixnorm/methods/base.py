@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from groupmixnorm.data import TabularDataset
+    from groupmixnorm.training import TrainConfig
 
 Sampling = Literal["random", "group", "group_label"]
-#: Maps a feature matrix ``(n, d)`` to scores in ``[0, 1]`` of shape ``(n,)`` (probabilities of ``y = 1``).
-Scorer = Callable[[np.ndarray], np.ndarray]
+#: Maps a feature matrix ``(n, d)`` and the rows' group ids ``(n,)`` to scores in ``[0, 1]`` of shape ``(n,)``
+#: (probabilities of ``y = 1``). Only methods that need the attribute at prediction read the group ids.
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,13 @@ class ModelSpec:
         return self.input_shape is not None and len(self.input_shape) == 3
 
 
+#: The criteria a method's ``fairness`` option may name: demographic parity or equalized odds.
+FAIRNESS_CHOICES = ("dp", "eo")
+
+
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A method option: a dataclass field that also carries its command-line help."""
+    """A method option: a dataclass field that also carries its command-line help, and the values it may
+    take (``choices``), which :class:`Method` checks on construction."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -68,14 +75,31 @@ class Method:
     """Base class of training methods. Subclasses set ``name`` and override what they change."""
 
     name: ClassVar[str] = ""
-    #: How the loop draws training batches: at random, balanced per group, or per group and label.
-    sampling: ClassVar[Sampling] = "random"
+    #: Whether the method fits without the torch loop (:meth:`fit_outside_loop`); its models are not saved.
+    fitted_outside_loop: ClassVar[bool] = False
+    #: Whether multi-process training (``torchrun``) may train it: its whole training state is the model, so
+    #: that DDP keeps the processes' copies identical (an adversary would be trained on one slice alone).
+    supports_distributed: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """Refuse an option value outside the option's ``choices``; subclasses that check more call this first."""
+        for item in method_fields(type(self)):
+            choices = item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"method {self.name!r}: option {item.name} must be one of "
+                                 f"{', '.join(map(str, choices))}, got {value!r}")
+
+    def batch_sampling(self) -> Sampling:
+        """How the loop draws training batches (``TrainConfig(sampling="auto")``): at random (the default),
+        balanced per group, or per group and label."""
+        return "random"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         raise NotImplementedError
 
-    def setup(self, model: nn.Module, seed: int) -> None:
-        """Called once after the model is built (for example to create an adversary)."""
+    def setup(self, model: nn.Module, seed: int, spec: ModelSpec) -> None:
+        """Called once after ``model`` is built from ``spec`` (for example to create an adversary)."""
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The loss to minimise on ``batch`` and any numbers worth logging."""
@@ -100,12 +124,13 @@ class Method:
         """The method's options as a plain dict (the dataclass fields)."""
         return dataclasses.asdict(self)
 
-    def fit_outside_loop(self, data: TabularDataset, seed: int) -> Scorer | None:
+    def fit_outside_loop(self, data: TabularDataset, config: TrainConfig) -> Scorer | None:
         """Fit without the torch loop and return the fitted scorer, or ``None`` to use the loop (the default).
 
-        Methods that are not trained with torch (outside peers such as fairlearn's reductions) override this:
-        they fit on ``data.train`` and return a function that scores feature matrices; the loop then only
-        evaluates that scorer on the validation and test splits.
+        Methods that are not trained with torch alone (outside peers such as fairlearn's reductions and
+        post-processing) override this and set :attr:`fitted_outside_loop`: they fit on ``data.train`` (seeded
+        by ``config.seed``) and return a function that scores feature matrices and group ids; the loop then
+        only evaluates that scorer on the validation and test splits.
         """
         return None
 

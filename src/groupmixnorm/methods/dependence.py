@@ -19,10 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
-
-FAIRNESS_CHOICES = ("dp", "eo")
 
 
 def hsic(scores: Tensor, groups: Tensor) -> Tensor:
@@ -70,13 +68,12 @@ class ScorePenalty(Method):
                            choices=FAIRNESS_CHOICES)
 
     def __post_init__(self) -> None:
-        if self.fairness not in FAIRNESS_CHOICES:
-            raise ValueError(f"fairness must be one of {FAIRNESS_CHOICES}, got {self.fairness!r}")
+        super().__post_init__()
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
 
-    @property
-    def sampling(self) -> Sampling:  # type: ignore[override]
+    def batch_sampling(self) -> Sampling:
+        """Balanced per group (per group and label for ``"eo"``), so that every batch measures the penalty."""
         return "group" if self.fairness == "dp" else "group_label"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -15,6 +16,7 @@ class ERM(Method):
     """Plain cross-entropy training of the MLP, optionally with batch normalization."""
 
     name = "erm"
+    supports_distributed: ClassVar[bool] = True
     norm: str = option("none", "normalization layer of the ERM model", choices=("none", "batchnorm"))
 
     def build_model(self, spec: ModelSpec) -> nn.Module:

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 from torch import nn
 
-from groupmixnorm.methods.base import Method, ModelSpec, Scorer, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Method, ModelSpec, Scorer, option
 
 if TYPE_CHECKING:
     from fairlearn.reductions import ExponentiatedGradient
 
     from groupmixnorm.data import TabularDataset
+    from groupmixnorm.training import TrainConfig
 
-FAIRNESS_CHOICES = ("dp", "eo")
 #: Iterations of each logistic-regression fit; enough for lbfgs to converge on the standardized features.
 LOGISTIC_MAX_ITER = 1000
 
@@ -41,6 +41,7 @@ class ExponentiatedGradientMethod(Method):
     """
 
     name = "expgrad"
+    fitted_outside_loop: ClassVar[bool] = True
     fairness: str = option("dp", "constraint: dp (demographic parity) or eo (equalized odds)",
                            choices=FAIRNESS_CHOICES)
     eps: float = option(0.01, "bound on the constraint violation (fairlearn's eps)")
@@ -48,8 +49,7 @@ class ExponentiatedGradientMethod(Method):
                            "(fairlearn's max_iter)")
 
     def __post_init__(self) -> None:
-        if self.fairness not in FAIRNESS_CHOICES:
-            raise ValueError(f"fairness must be one of {FAIRNESS_CHOICES}, got {self.fairness!r}")
+        super().__post_init__()
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if self.max_iter < 1:
@@ -67,13 +67,14 @@ class ExponentiatedGradientMethod(Method):
         estimator = LogisticRegression(max_iter=LOGISTIC_MAX_ITER, random_state=seed)
         return ExponentiatedGradient(estimator, constraint, eps=self.eps, max_iter=self.max_iter)
 
-    def fit_outside_loop(self, data: TabularDataset, seed: int) -> Scorer:
-        """Fit the reduction on the training split and return its expected-prediction scorer."""
+    def fit_outside_loop(self, data: TabularDataset, config: TrainConfig) -> Scorer:
+        """Fit the reduction on the training split and return its expected-prediction scorer (which ignores
+        the group ids)."""
         with _single_blas_thread(), warnings.catch_warnings():
             # fairlearn's own pandas usage triggers deprecation warnings that say nothing about this run.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fairlearn\.")
-            fitted = self.reduction(seed).fit(_rows(data.train.X), data.train.y, sensitive_features=data.train.a)
-        return lambda X: expected_prediction(fitted, _rows(X))
+            fitted = self.reduction(config.seed).fit(_rows(data.train.X), data.train.y, sensitive_features=data.train.a)
+        return lambda X, a: expected_prediction(fitted, _rows(X))
 
 
 def expected_prediction(fitted: ExponentiatedGradient, X: np.ndarray) -> np.ndarray:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
 
 
@@ -23,12 +24,13 @@ class FairMixup(Method):
     """
 
     name = "fairmixup"
+    supports_distributed: ClassVar[bool] = True
     lam: float = option(0.5, "weight of the path regularizer")
     fairness: str = option("dp", "dp (pairs across groups) or eo (pairs across groups within each label)",
-                           choices=("dp", "eo"))
+                           choices=FAIRNESS_CHOICES)
 
-    @property
-    def sampling(self) -> Sampling:  # type: ignore[override]
+    def batch_sampling(self) -> Sampling:
+        """Balanced per group (per group and label for ``"eo"``), so that every batch pairs groups."""
         return "group" if self.fairness == "dp" else "group_label"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:

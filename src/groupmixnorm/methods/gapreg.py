@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
 
-FAIRNESS_CHOICES = ("dp", "eo")
 
-
-def group_mean_gap(scores: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+def group_mean_gap(scores: Tensor, groups: Tensor) -> Tensor:
     """Largest difference between the groups' mean scores in the batch (groups present only)."""
+    if groups.numel() == 0:
+        return scores.new_zeros(())
+    num_groups = int(groups.max()) + 1  # groups absent from the batch take no share
     counts = torch.zeros(num_groups, device=scores.device).index_add(0, groups, torch.ones_like(scores))
     sums = torch.zeros(num_groups, device=scores.device).index_add(0, groups, scores)
     present = counts > 0
@@ -24,11 +26,11 @@ def group_mean_gap(scores: Tensor, groups: Tensor, num_groups: int) -> Tensor:
     return means.max() - means.min()
 
 
-def batch_gap(scores: Tensor, batch: Batch, fairness: str, num_groups: int) -> Tensor:
+def batch_gap(scores: Tensor, batch: Batch, fairness: str) -> Tensor:
     """The soft demographic-parity gap, or for ``"eo"`` the sum over labels of the per-label gaps."""
     if fairness == "dp":
-        return group_mean_gap(scores, batch.a, num_groups)
-    gaps = [group_mean_gap(scores[batch.y == label], batch.a[batch.y == label], num_groups) for label in (0, 1)]
+        return group_mean_gap(scores, batch.a)
+    gaps = [group_mean_gap(scores[batch.y == label], batch.a[batch.y == label]) for label in (0, 1)]
     return gaps[0] + gaps[1]
 
 
@@ -39,25 +41,20 @@ class GapRegularization(Method):
     (per group and label for ``"eo"``) so every batch estimates the gap."""
 
     name = "gapreg"
+    supports_distributed: ClassVar[bool] = True
     lam: float = option(0.5, "weight of the fairness gap in the loss")
     fairness: str = option("dp", "gap to regularize: dp (demographic parity) or eo (equalized odds)",
                            choices=FAIRNESS_CHOICES)
 
-    def __post_init__(self) -> None:
-        if self.fairness not in FAIRNESS_CHOICES:
-            raise ValueError(f"fairness must be one of {FAIRNESS_CHOICES}, got {self.fairness!r}")
-        self.num_groups = 2
-
-    @property
-    def sampling(self) -> Sampling:  # type: ignore[override]
+    def batch_sampling(self) -> Sampling:
+        """Balanced per group (per group and label for ``"eo"``), so that every batch estimates the gap."""
         return "group" if self.fairness == "dp" else "group_label"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        self.num_groups = spec.num_groups
         return build_network(spec)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         logits = model(batch.x).squeeze(-1)
         bce = binary_cross_entropy(logits, batch.y)
-        gap = batch_gap(torch.sigmoid(logits), batch, self.fairness, self.num_groups)
+        gap = batch_gap(torch.sigmoid(logits), batch, self.fairness)
         return bce + self.lam * gap, {"bce": bce.item(), "gap": gap.item()}

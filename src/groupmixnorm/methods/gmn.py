@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
 from groupmixnorm.nn import collect_alignment, use_groups
 
@@ -26,6 +27,7 @@ class GroupMixNormMethod(Method):
     """
 
     name = "gmn"
+    supports_distributed: ClassVar[bool] = True
     mix: str = option("shared", "how group statistics are mixed", choices=("shared", "pairwise"))
     alpha: float = option(1.0, "concentration of the Dirichlet/Beta mixing weights")
     p: float = option(1.0, "probability that a training batch is mixed (else treated as one group)")
@@ -41,16 +43,14 @@ class GroupMixNormMethod(Method):
     align_covariance: bool = option(False, "alignment also compares channel covariances")
     align_quantiles: int = option(16, "if > 0, alignment compares this many quantiles per channel (whole distributions)")
     fairness: str = option("dp", "what alignment targets: dp (groups alike) or eo (groups alike within each label)",
-                           choices=("dp", "eo"))
+                           choices=FAIRNESS_CHOICES)
 
     def __post_init__(self) -> None:
-        if self.fairness not in ("dp", "eo"):
-            raise ValueError(f"fairness must be dp or eo, got {self.fairness!r}")
+        super().__post_init__()
         if self.align < 0 or self.align_quantiles < 0:
             raise ValueError(f"align and align_quantiles must be >= 0, got {self.align} and {self.align_quantiles}")
 
-    @property
-    def sampling(self) -> Sampling:  # type: ignore[override]
+    def batch_sampling(self) -> Sampling:
         """Shuffled batches, or per group and label when aligning for equalized odds."""
         return "group_label" if self.fairness == "eo" and self.align > 0 else "random"
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, binary_cross_entropy, option
+from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
 from groupmixnorm.nn import functional as F
 
-FAIRNESS_CHOICES = ("dp", "eo")
 #: The alignment's variance floor, GroupMixNorm's ``eps``.
 EPS = 1e-5
 
@@ -35,13 +34,11 @@ class ScoreMatching(Method):
     fairness: str = option("dp", "dp (groups alike) or eo (groups alike within each label)", choices=FAIRNESS_CHOICES)
 
     def __post_init__(self) -> None:
-        if self.fairness not in FAIRNESS_CHOICES:
-            raise ValueError(f"fairness must be one of {FAIRNESS_CHOICES}, got {self.fairness!r}")
+        super().__post_init__()
         if self.lam < 0 or self.quantiles < 1:
             raise ValueError(f"lam must be >= 0 and quantiles >= 1, got {self.lam} and {self.quantiles}")
 
-    @property
-    def sampling(self) -> str:  # type: ignore[override]
+    def batch_sampling(self) -> Sampling:
         """Shuffled batches, as the ``gmn`` default it ablates (per group and label for equalized odds)."""
         return "group_label" if self.fairness == "eo" else "random"
 

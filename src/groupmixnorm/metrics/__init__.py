@@ -14,9 +14,11 @@ from groupmixnorm.metrics.fairness import (
     eopp_gap_hard,
     group_rates,
 )
+from groupmixnorm.metrics.sanity import useless_model_warnings
 from groupmixnorm.metrics.summary import METRIC_NAMES, fairness_report
 
 __all__ = [
     "METRIC_NAMES", "abcc", "accuracy", "average_precision", "dp_gap", "dp_gap_hard", "dp_ks", "dp_ratio", "eodds_gap",
     "eodds_gap_hard", "eodds_ks", "eopp_gap", "eopp_gap_hard", "fairness_report", "group_rates",
+    "useless_model_warnings",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -98,6 +98,32 @@ def bootstrap_interval(
     Interval
         The metric on the data as given, and the percentile interval.
     """
+    return bootstrap_intervals(lambda y, s, g: [metric(y, s, g)], y_true, scores, groups, resamples=resamples,
+                               confidence=confidence, seed=seed)[0]
+
+
+def bootstrap_intervals(
+    metrics: Callable[[np.ndarray, np.ndarray, np.ndarray], Sequence[float]],
+    y_true: Any,
+    scores: Any,
+    groups: Any,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[Interval]:
+    """:func:`bootstrap_interval` of several numbers computed together from each resample.
+
+    ``metrics(y, scores, groups)`` returns the same number of values on every resample (say, every cell of
+    one :func:`~groupmixnorm.metrics.group_rates` table); each gets its own percentile interval, all from
+    the same resampled rows, which are those :func:`bootstrap_interval` draws with the same ``seed``.
+    Computing them together saves the work they share.
+
+    Returns
+    -------
+    list of Interval
+        One per value of ``metrics``, in its order.
+    """
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     if not 0.0 < confidence < 1.0:
@@ -105,13 +131,14 @@ def bootstrap_interval(
     y, s, g = _validated(y_true, scores, groups, min_groups=1)
     cells = _cells(y, g)
     rng = np.random.default_rng(seed)
-    values = np.empty(resamples)
+    estimates = np.asarray(metrics(y, s, g), dtype=float)
+    values = np.empty((resamples, estimates.size))
     for index in range(resamples):
         rows = np.concatenate([rng.choice(cell, size=len(cell), replace=True) for cell in cells])
-        values[index] = metric(y[rows], s[rows], g[rows])
+        values[index] = metrics(y[rows], s[rows], g[rows])
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
-    return Interval(float(metric(y, s, g)), float(low), float(high))
+    low, high = np.quantile(values, [tail, 1.0 - tail], axis=0)
+    return [Interval(float(e), float(a), float(b)) for e, a, b in zip(estimates, low, high)]
 
 
 def _cells(y: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:

@@ -7,12 +7,16 @@ classes only say which input shapes they accept.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from groupmixnorm.nn import _kernels as K
+from groupmixnorm.nn import alignment
 from groupmixnorm.nn import functional as F
+from groupmixnorm.nn._core import GroupMoments, batch_reference, values_per_sample
 from groupmixnorm.nn.routing import active_penalty_collector, current_groups, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
@@ -142,11 +146,10 @@ class _GroupMixNorm(nn.Module):
                     "or run the model inside `with groupmixnorm.nn.use_groups(groups):`"
                 )
             groups, table_size = self._checked_groups(groups, x)
-            return self._forward_train(x, groups, table_size)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # As in training: float32 inside, the input's dtype out. In half precision the map
-            # x * (1 / std) - mean / std overflows once |mean| / std does, even where the output is small.
-            return self.forward(x.float(), groups).to(x.dtype)
+            return _in_float32(self._train_step, x, groups, table_size)
+        return _in_float32(self._forward_eval, x, groups)
+
+    def _forward_eval(self, x: Tensor, groups: Tensor | None) -> Tensor:
         if self.eval_mode == "group":
             if groups is None:
                 raise ValueError(
@@ -156,88 +159,99 @@ class _GroupMixNorm(nn.Module):
             return self._forward_eval_group(x, self._check_groups(groups, x))
         return self._forward_eval_population(x, groups)
 
-    def _forward_train(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Half-precision sums over a batch lose whole units (counts too), and the CPU's random draws need
-            # float32: compute in float32 and return the input's dtype.
-            return self._forward_train(x.float(), groups, table_size).to(x.dtype)
+    def _train_step(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+        """One training call (input in float32 or wider): normalize, update the running statistics, and
+        report the alignment penalty to an enclosing :func:`collect_alignment` block."""
         weight, bias = _cast(self.weight, x.dtype), _cast(self.bias, x.dtype)
-        values_per_sample = math.prod(x.shape[2:])
-        total = x.shape[0] * values_per_sample  # every sample is in some group, so this is counts.sum()
+        total = x.shape[0] * values_per_sample(x)  # every sample is in some group, so this is counts.sum()
         if total < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in training, got {tuple(x.shape)}")
         collector = active_penalty_collector()
-        apply_mix = self.p >= 1.0 or float(torch.rand(())) < self.p
-        if reference_requested():
-            out, moments = self._reference_train(x, groups, table_size, apply_mix, weight, bias, total)
+        mix = self._mix_this_batch()
+        if mix and self.mix == "shared" and self._may_fuse():
+            out, moments = self._fused_shared_step(x, groups, table_size, weight, bias, total, collector is not None)
         else:
-            out, moments = self._fused_train(x, groups, table_size, apply_mix, weight, bias, total, collector is not None)
+            moments, mixing, segments = self._moments_and_mixing(x, groups, table_size, mix)
+            out = self._normalize(x, groups, mixing, moments, segments, weight, bias)
+            if self.track_running_stats:
+                detached = moments.detach()
+                self._update_running_stats(detached, self._mixed_values(mixing, detached))
         if collector is not None:
             collector.append(self._alignment(x, groups, moments, table_size, collector.condition))
         return out
 
-    def _fused_train(
-        self, x: Tensor, groups: Tensor, table_size: int, apply_mix: bool, weight: Tensor | None,
-        bias: Tensor | None, total: int, with_moments: bool,
-    ) -> tuple[Tensor, F.GroupMoments | None]:
-        """The training step through the hand-written autograd functions (the fast path); the moments are
-        returned (differentiable) when ``with_moments`` or when they were needed anyway."""
-        counts, segments = F._counts_and_segments(groups, table_size, math.prod(x.shape[2:]), x.dtype)
-        if apply_mix and self.mix == "shared":
-            # The fast path: one fused autograd function computes the moments, the output and its gradient.
-            all_eligible = F._all_eligible(counts)
-            mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
-            sink: list = []
-            out, moments = F._shared_mix_norm(
-                x, segments, counts, mixing, self.eps, self.output_scale, weight, bias, all_eligible,
-                with_moments=with_moments, sink=sink,
-            )
-            self._check_finite(sink[0].moments, x)
-            if self.track_running_stats:
-                self._update_running_stats(sink[0].moments, (sink[0].mixed_mean, sink[0].mixed_std), all_eligible, total)
-        else:
-            moments = F.group_moments(x, groups, table_size, counts=counts, segments=segments)
-            self._check_finite(moments, x)
-            if apply_mix:
-                mixing = F.pairwise_mixing_weights(counts, groups, self.alpha)
-                out, table_mean, table_std = F._group_mix_norm(
-                    x, groups, mixing, moments, self.eps, self.output_scale, weight, bias, segments
-                )
-                average = mixing.mean(dim=0).detach()
-                mixed = (average @ table_mean.detach(), average @ table_std.detach())
-            else:
-                out = self._as_single_group(x, moments)
-                mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
-            if self.track_running_stats:
-                self._update_running_stats(moments, mixed, None, total)
-        return out, moments
+    def _mix_this_batch(self) -> bool:
+        """The ``p`` draw: whether this training batch is mixed (a draw from torch's generator unless ``p >= 1``)."""
+        return self.p >= 1.0 or float(torch.rand(())) < self.p
 
-    def _reference_train(
-        self, x: Tensor, groups: Tensor, table_size: int, apply_mix: bool, weight: Tensor | None,
-        bias: Tensor | None, total: int,
-    ) -> tuple[Tensor, F.GroupMoments]:
-        """The training step in plain autograd (:func:`~groupmixnorm.nn.functional.group_mix_norm`'s
-        math), drawing the mixture as the fused path does: for double backward and compiled graphs."""
-        moments = F.plain_group_moments(x, groups, table_size)
-        self._check_finite(moments, x)
-        if not apply_mix:
-            out = self._as_single_group(x, moments)
-            mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
-        else:
-            if self.mix == "shared":
-                mixing = F.shared_mixing_weights(moments.counts, self.alpha)
-            else:
-                mixing = F.pairwise_mixing_weights(moments.counts, groups, self.alpha)
-            out = F.mix_normalize(x, groups, mixing, moments, eps=self.eps, output_scale=self.output_scale,
-                                  weight=weight, bias=bias)
-            table_mean, table_std = F.statistics_table(F.GroupMoments(*(t.detach() for t in moments)), self.eps)
-            average = mixing if mixing.dim() == 1 else mixing.mean(dim=0)
-            mixed = (average @ table_mean, average @ table_std)
+    def _may_fuse(self) -> bool:
+        """Whether a shared mixture may run as the one fused function (not inside :func:`use_reference` or
+        while ``torch.compile`` traces)."""
+        return not reference_requested()
+
+    def _fused_shared_step(
+        self, x: Tensor, groups: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None, total: int,
+        with_moments: bool,
+    ) -> tuple[Tensor, GroupMoments | None]:
+        """The fast path: one fused autograd function computes the moments, the output and its gradient; the
+        moments are returned (differentiable) when ``with_moments``."""
+        counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
+        all_eligible = K.every_group_eligible(counts)
+        mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
+        out, moments, batch = K.shared_mix_norm(x, segments, counts, mixing, self.eps, self.output_scale, weight, bias,
+                                                all_eligible, with_moments=with_moments)
+        self._check_finite(batch.moments, x)
         if self.track_running_stats:
-            self._update_running_stats(F.GroupMoments(*(t.detach() for t in moments)), mixed, None, total)
+            self._update_running_stats(batch.moments, (batch.mixed_mean, batch.mixed_std), all_eligible, total)
         return out, moments
 
-    def _check_finite(self, moments: F.GroupMoments, x: Tensor) -> None:
+    def _moments_and_mixing(
+        self, x: Tensor, groups: Tensor, table_size: int, mix: bool
+    ) -> tuple[GroupMoments, Tensor | None, K._Segments | None]:
+        """This batch's (checked) moments, its mixing weights if it is mixed (else ``None``), and its rows
+        by group for the fast path (``None`` on the reference path)."""
+        moments, segments = self._group_moments(x, groups, table_size)
+        self._check_finite(moments, x)
+        if not mix:
+            return moments, None, segments
+        if self.mix == "shared":
+            return moments, F.shared_mixing_weights(moments.counts, self.alpha), segments
+        return moments, F.pairwise_mixing_weights(moments.counts, groups, self.alpha), segments
+
+    @staticmethod
+    def _group_moments(x: Tensor, groups: Tensor, table_size: int) -> tuple[GroupMoments, K._Segments | None]:
+        """The group moments in plain autograd on the reference path (and no segments); otherwise through
+        the fused function, with the rows by group that the fast path's map reuses."""
+        if reference_requested():
+            return F.plain_group_moments(x, groups, table_size), None
+        counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
+        return F.group_moments(x, groups, table_size, counts=counts, segments=segments), segments
+
+    def _normalize(
+        self, x: Tensor, groups: Tensor, mixing: Tensor | None, moments: GroupMoments,
+        segments: K._Segments | None, weight: Tensor | None, bias: Tensor | None,
+    ) -> Tensor:
+        """The layer from this batch's moments: mixed (through the reference or the fast path), or, without
+        ``mixing``, as if the batch held one group: batch norm (``output_scale="batch"``), else the identity."""
+        if mixing is None:
+            if self.output_scale == "batch":
+                return F.batch_norm_train(x, moments, eps=self.eps, weight=weight, bias=bias)
+            return F.apply_affine(x, weight, bias)
+        options = {"eps": self.eps, "output_scale": self.output_scale, "weight": weight, "bias": bias}
+        if reference_requested():
+            return F.mix_normalize(x, groups, mixing, moments, **options)
+        return K.mix_with_moments(x, segments, mixing, moments, **options)  # as F.fused_group_mix_norm does
+
+    def _mixed_values(self, mixing: Tensor | None, moments: GroupMoments) -> tuple[Tensor, Tensor]:
+        """The mixed mean and deviation that the running statistics average: those of the shared mixture,
+        the average of the per-sample ones, or the batch's own statistics when the batch was not mixed."""
+        if mixing is None:
+            return batch_reference(moments, self.eps)
+        table_mean, table_std = F.statistics_table(moments, self.eps)
+        average = mixing if mixing.dim() == 1 else mixing.mean(dim=0)
+        return average @ table_mean, average @ table_std
+
+    def _check_finite(self, moments: GroupMoments, x: Tensor) -> None:
         """Refuse a batch whose statistics are not finite, before they reach the running statistics.
 
         Any NaN or infinity in ``x`` reaches the batch mean, so checking ``(C,)`` numbers catches it without
@@ -253,20 +267,13 @@ class _GroupMixNorm(nn.Module):
         )
 
     def _alignment(
-        self, x: Tensor, groups: Tensor, moments: F.GroupMoments, table_size: int, condition: Tensor | None
+        self, x: Tensor, groups: Tensor, moments: GroupMoments, table_size: int, condition: Tensor | None
     ) -> Tensor:
         """The alignment penalty of this input, or its share-weighted average within each condition value."""
         options = {"eps": self.eps, "covariance": self.align_covariance, "quantiles": self.align_quantiles}
         if condition is None:
-            return F.alignment_penalty(x, groups, moments, **options)
-        return F.conditional_alignment_penalty(x, groups, table_size, condition, **options)
-
-    def _as_single_group(self, x: Tensor, moments: F.GroupMoments) -> Tensor:
-        """The layer as if the batch held one group: batch norm (``output_scale="batch"``), else identity."""
-        weight, bias = _cast(self.weight, x.dtype), _cast(self.bias, x.dtype)
-        if self.output_scale == "batch":
-            return F.batch_norm_train(x, moments, eps=self.eps, weight=weight, bias=bias)
-        return F.apply_affine(x, weight, bias)
+            return alignment.alignment_penalty(x, groups, moments, **options)
+        return alignment.conditional_alignment_penalty(x, groups, table_size, condition, **options)
 
     def _forward_eval_population(self, x: Tensor, groups: Tensor | None) -> Tensor:
         if not self.track_running_stats:
@@ -305,22 +312,17 @@ class _GroupMixNorm(nn.Module):
             groups = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         else:
             groups, table_size = self._checked_groups(groups, x)
-        moments = F.group_moments(x, groups, table_size)
-        eligible = F.eligible_groups(moments.counts)
-        if not bool(eligible.any()):
-            eligible = moments.counts > 0
-        mixing = eligible.to(x.dtype) / eligible.sum()
-        return F.fused_group_mix_norm(
-            x, groups, mixing, num_groups=table_size, weight=_cast(self.weight, x.dtype),
-            bias=_cast(self.bias, x.dtype), eps=self.eps, output_scale=self.output_scale, moments=moments,
-        )
+        moments, segments = self._group_moments(x, groups, table_size)
+        mixing = F.uniform_mixing_weights(moments.counts)
+        weight, bias = _cast(self.weight, x.dtype), _cast(self.bias, x.dtype)
+        return self._normalize(x, groups, mixing, moments, segments, weight, bias)
 
     # -------------------------------------------------------------------------------- running statistics
 
     @torch.no_grad()
     def _update_running_stats(
         self,
-        moments: F.GroupMoments,
+        moments: GroupMoments,
         mixed: tuple[Tensor, Tensor],
         all_eligible: bool | None = None,
         total: int | None = None,
@@ -331,7 +333,7 @@ class _GroupMixNorm(nn.Module):
         per channel (``moments.counts.sum()``) if known.
         """
         if total is None:
-            total = moments.counts.sum()
+            total = int(moments.counts.sum())
         unbiased_batch_var = moments.batch_var * (total / (total - 1))
         if self.running_var.dtype != unbiased_batch_var.dtype:
             self._check_storable(torch.cat([unbiased_batch_var, moments.var.flatten() * 2]))
@@ -359,10 +361,10 @@ class _GroupMixNorm(nn.Module):
             "normalization layers) or scale the input down"
         )
 
-    def _update_group_stats(self, moments: F.GroupMoments, all_eligible: bool | None = None) -> None:
+    def _update_group_stats(self, moments: GroupMoments, all_eligible: bool | None = None) -> None:
         counts = moments.counts
         if all_eligible is None:
-            all_eligible = F._all_eligible(counts)
+            all_eligible = K.every_group_eligible(counts)
         if all_eligible:
             # Every group has its own statistics: one weight for all of them.
             self.group_batches_tracked.add_(1)
@@ -428,6 +430,18 @@ class _GroupMixNorm(nn.Module):
                 f"group id {largest} is out of range for num_groups={self.num_groups} (valid ids are 0..{self.num_groups - 1})"
             )
         return groups, self.num_groups if self.num_groups is not None else largest + 1
+
+
+def _in_float32(function: Callable[..., Tensor], x: Tensor, *args: object) -> Tensor:
+    """``function(x, *args)``, with float16 and bfloat16 input computed in float32 and returned in its dtype.
+
+    In training, half-precision sums over a batch lose whole units (counts too) and the CPU's random draws
+    need float32; in evaluation the map ``x * (1 / std) - mean / std`` overflows float16 once
+    ``|mean| / std`` does, even where the output is small.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return function(x.float(), *args).to(x.dtype)
+    return function(x, *args)
 
 
 def _cast(parameter: Tensor | None, dtype: torch.dtype) -> Tensor | None:

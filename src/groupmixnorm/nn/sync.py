@@ -10,16 +10,16 @@ of the autograd graph, so input gradients are those of one process holding the w
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import functional as F
+from groupmixnorm.nn._core import GroupMoments, batch_moments, values_per_sample
 from groupmixnorm.nn.modules import _GroupMixNorm
-from groupmixnorm.nn.routing import active_penalty_collector
 
 #: Constructor options of a GroupMixNorm layer, copied by :func:`convert_sync_groupmixnorm`.
 _LAYER_OPTIONS = (
@@ -117,97 +117,72 @@ class SyncGroupMixNorm(_GroupMixNorm):
         super().__init__(num_features, num_groups=num_groups, **options)
         self.process_group = process_group
 
-    def _forward_train(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
+    def _may_fuse(self) -> bool:
+        # The fused function computes this process's moments; synchronized ones come from the all-reduce.
+        return not self._is_distributed() and super()._may_fuse()
+
+    def _moments_and_mixing(
+        self, x: Tensor, groups: Tensor, table_size: int, mix: bool
+    ) -> tuple[GroupMoments, Tensor | None, K._Segments | None]:
         if not self._is_distributed():
-            return super()._forward_train(x, groups, table_size)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Half-precision sums over a large batch lose whole units (counts included): work in float32.
-            return self._synchronized_forward(x.float(), groups, table_size).to(x.dtype)
-        return self._synchronized_forward(x, groups, table_size)
-
-    def _synchronized_forward(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
-        apply_mix, mixing, moments = self._synchronized_moments(x, groups, table_size)
+            return super()._moments_and_mixing(x, groups, table_size, mix)
+        mix, gamma, moments, segments = self._synchronized_moments(x, groups, table_size, mix)
         self._check_finite(moments, x)  # the moments are summed over all processes, so every one raises alike
-        if apply_mix:
-            out, table_mean, table_std = F._group_mix_norm(
-                x, groups, mixing, moments, self.eps, self.output_scale, self.weight, self.bias
-            )
-            mixed = (mixing @ table_mean.detach(), mixing @ table_std.detach())
-        else:
-            out = self._as_single_group(x, moments)
-            mixed = (moments.batch_mean.detach(), torch.sqrt(moments.batch_var.detach() + self.eps))
-        if self.track_running_stats:
-            detached = F.GroupMoments(*(t.detach() for t in moments))
-            self._update_running_stats(detached, mixed, None, int(moments.counts.sum()))
-        collector = active_penalty_collector()
-        if collector is not None:
-            collector.append(self._global_alignment(x, groups, table_size, collector.condition))
-        return out
+        return moments, F.weights_from_gamma(gamma, moments.counts) if mix else None, segments
 
-    def _global_alignment(self, x: Tensor, groups: Tensor, table_size: int, condition: Tensor | None) -> Tensor:
+    def _alignment(
+        self, x: Tensor, groups: Tensor, moments: GroupMoments, table_size: int, condition: Tensor | None
+    ) -> Tensor:
         """The alignment penalty of the whole distributed batch, the same number on every process.
 
         The inputs are gathered (quantiles need every value, not only sums); the gather's backward sums
         the gradients of all processes' copies, so that DDP's average over processes gives the gradient of
         one penalty, as it does for the mean loss.
         """
+        if not self._is_distributed():
+            return super()._alignment(x, groups, moments, table_size, condition)
         everything = _AllGather.apply(x, self.process_group)
         all_groups = _gather_plain(groups, self.process_group)
         all_condition = None if condition is None else _gather_plain(condition.to(x.device), self.process_group)
-        moments = F.group_moments(everything, all_groups, table_size)
-        return self._alignment(everything, all_groups, moments, table_size, all_condition)
+        all_moments = F.group_moments(everything, all_groups, table_size)
+        return super()._alignment(everything, all_groups, all_moments, table_size, all_condition)
 
     def _is_distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
 
-    def _synchronized_moments(self, x: Tensor, groups: Tensor, table_size: int) -> tuple[bool, Tensor, F.GroupMoments]:
-        """One all-reduce of this process's per-group counts, sums and sums of squares, with rank 0's draws.
+    def _synchronized_moments(
+        self, x: Tensor, groups: Tensor, table_size: int, mix_here: bool
+    ) -> tuple[bool, Tensor, GroupMoments, K._Segments]:
+        """One all-reduce of this process's per-group counts, sums and sums of squares, with rank 0's draws:
+        whether to mix (``mix_here`` is this process's ``p`` draw), the Gamma draws, the moments, and this
+        process's rows by group.
 
         The random draws happen on every process (so that generators advance alike) and in the order a
         single ``GroupMixNorm`` layer makes them; only rank 0's survive the sum.
         """
         channels = x.shape[1]
-        mix_here = self.p >= 1.0 or float(torch.rand(())) < self.p
-        gamma = x.new_zeros(table_size)
-        if mix_here:
-            gamma = torch._standard_gamma(torch.full_like(gamma, float(self.alpha)))
-        rows = x.flatten(2).sum(dim=2) if x.dim() > 2 else x
-        squares = x.square().flatten(2).sum(dim=2) if x.dim() > 2 else x.square()
-        sums = x.new_zeros(table_size, channels).index_add(0, groups, rows)
-        square_sums = x.new_zeros(table_size, channels).index_add(0, groups, squares)
-        counts = torch.bincount(groups, minlength=table_size).to(x.dtype) * math.prod(x.shape[2:])
+        counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
+        gamma = F.gamma_draws(counts, self.alpha) if mix_here else torch.zeros_like(counts)
         is_root = float(dist.get_rank(self.process_group) == 0)
-        draws = torch.cat([gamma, x.new_tensor([float(mix_here)])]) * is_root
-        packed = torch.cat([counts, sums.flatten(), square_sums.flatten(), draws])
+        draws = torch.cat([gamma, counts.new_tensor([float(mix_here)])]) * is_root
+        packed = torch.cat([counts, segments.sum(x).flatten(), segments.sum(x.square()).flatten(), draws])
         total = _AllReduceSum.apply(packed, self.process_group)
         counts, sums, square_sums, draws = total.split([table_size, table_size * channels, table_size * channels, table_size + 1])
         counts, draws = counts.detach(), draws.detach()
         moments = _moments_from_sums(counts, sums.view(table_size, channels), square_sums.view(table_size, channels))
-        return bool(draws[-1] > 0.5), _mixing_from_draws(draws[:-1], counts), moments
+        return bool(draws[-1] > 0.5), draws[:-1], moments, segments
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", process_group={self.process_group}"
 
 
-def _moments_from_sums(counts: Tensor, sums: Tensor, square_sums: Tensor) -> F.GroupMoments:
-    """Group and batch moments from per-group counts ``(G,)``, sums and sums of squares ``(G, C)``."""
+def _moments_from_sums(counts: Tensor, sums: Tensor, square_sums: Tensor) -> GroupMoments:
+    """Group moments from per-group counts ``(G,)``, sums and sums of squares ``(G, C)``; the batch's follow
+    from the groups' as in every GroupMixNorm layer."""
     inverse = counts.clamp_min(1).reciprocal().unsqueeze(1)
     mean = sums * inverse
     var = (square_sums * inverse - mean.square()).clamp_min(0.0)
-    shares = counts / counts.sum()
-    batch_mean = shares @ mean
-    batch_var = shares @ ((mean - batch_mean).square() + var)
-    return F.GroupMoments(counts, mean, var, batch_mean, batch_var)
-
-
-def _mixing_from_draws(gamma: Tensor, counts: Tensor) -> Tensor:
-    """Normalize Gamma draws into Dirichlet weights over the eligible groups (as
-    :func:`groupmixnorm.nn.functional.shared_mixing_weights` does)."""
-    eligible = F.eligible_groups(counts)
-    if not bool(eligible.any()):
-        eligible = counts > 0
-    weights = gamma.clamp_min(torch.finfo(gamma.dtype).tiny) * eligible
-    return weights / weights.sum()
+    return GroupMoments(counts, mean, var, *batch_moments(counts, mean, var))
 
 
 def convert_sync_groupmixnorm(module: nn.Module, process_group: Any = None) -> nn.Module:

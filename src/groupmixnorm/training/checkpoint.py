@@ -116,13 +116,19 @@ class Checkpoint:
         return load_run_data(self.spec, source=self.data_source, data_file=data_file)
 
     def _groups(self, frame: pd.DataFrame) -> torch.Tensor:
+        from groupmixnorm.data.csv import row_groups, sensitive_columns
         from groupmixnorm.data.tabular import encode_groups
 
-        if self.sensitive not in frame.columns:
-            raise ValueError(
-                f"this model was trained with eval_mode='group' and needs the column {self.sensitive!r} to predict"
-            )
-        return torch.as_tensor(encode_groups(frame[self.sensitive], self.group_names))
+        on_csv = self.spec.get("dataset") == "csv"  # a CSV run may name several columns (intersectional groups)
+        columns = sensitive_columns(self.sensitive) if on_csv else [self.sensitive]
+        absent = [column for column in columns if column not in frame.columns]
+        if absent:
+            raise ValueError(f"this model was trained with eval_mode='group' and needs the column(s) "
+                             f"{', '.join(map(repr, absent))} to predict")
+        # A CSV run's groups are its values as text, so that a numeric column read again matches them.
+        values = row_groups(frame, self.sensitive).where(frame[columns].notna().all(axis=1)) if on_csv \
+            else frame[self.sensitive]
+        return torch.tensor(encode_groups(values, self.group_names))  # a copy: pandas' arrays are read-only
 
 
 def _as_numbers(
@@ -194,10 +200,11 @@ def save_checkpoint(
     from groupmixnorm.training.records import atomic_output, environment_versions
 
     if len(data.input_shape) > 1:
-        raise ValueError("--save writes models that score CSV rows (predict); image models are not saved yet")
+        raise ValueError(f"cannot save {path}: checkpoints hold models that score table rows; image models are "
+                         "not saved yet")
     if data.preprocessor is None or getattr(spec, "quantize", False):
-        raise ValueError("this run cannot be saved for prediction: its preprocessing is not a fitted transformer "
-                         "(the --quantize quirk is not supported)")
+        raise ValueError(f"cannot save {path}: the run's preprocessing is not a fitted transformer (the spec's "
+                         "quantize quirk is not supported)")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,8 @@ from torch import Tensor, nn
 
 from groupmixnorm.nn import convert_sync_groupmixnorm
 
-#: Methods whose whole training state is the model, so that DDP keeps the copies identical. An
-#: adversary (adversarial debiasing) would be trained on each process's slice alone.
-DISTRIBUTED_METHODS = ("erm", "gmn", "gapreg", "fairmixup")
+if TYPE_CHECKING:
+    from groupmixnorm.methods import Method
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,15 @@ def workers_from_environment(device: torch.device) -> Workers:
     return Workers(dist.get_rank(), dist.get_world_size())
 
 
-def check_method(name: str, workers: Workers) -> None:
-    """Refuse, with the reason, a method that multi-process training does not support."""
-    if workers.distributed and name not in DISTRIBUTED_METHODS:
+def check_method(method: Method, workers: Workers) -> None:
+    """Refuse, with the reason, a method that multi-process training does not support
+    (:attr:`Method.supports_distributed <groupmixnorm.methods.Method.supports_distributed>`)."""
+    if workers.distributed and not method.supports_distributed:
+        from groupmixnorm.methods import METHODS
+
+        supported = [name for name, cls in METHODS.items() if cls.supports_distributed]
         raise ValueError(
-            f"multi-process training supports {', '.join(DISTRIBUTED_METHODS)}; {name} keeps training state "
+            f"multi-process training supports {', '.join(supported)}; {method.name} keeps training state "
             "outside the model (or is not trained with torch), which the processes would not share"
         )
 
@@ -80,8 +84,3 @@ def wrap_model(model: nn.Module, workers: Workers) -> nn.Module:
     if not workers.distributed:
         return model
     return nn.parallel.DistributedDataParallel(convert_sync_groupmixnorm(model))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (whose state dict and checkpoints carry no ``module.`` prefix)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -20,12 +20,15 @@ from groupmixnorm.data.tabular import check_splits
 from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
 from groupmixnorm.metrics import fairness_report, group_rates
 from groupmixnorm.nn.modules import NonFiniteStatistics
-from groupmixnorm.training.distributed import Workers, check_method, workers_from_environment, wrap_model
+from groupmixnorm.training.distributed import Workers, workers_from_environment
+from groupmixnorm.training.prepare import prepare
 from groupmixnorm.training.resume import LoopState, ResumePoint, load_state, save_state
 from groupmixnorm.training.sampling import batch_indices
 
 SELECTION_RULES = ("ap", "last", "dp_gap", "eodds_gap")
 SAMPLING_CHOICES = ("auto", "random", "group", "group_label")
+#: The validation gaps that ``gap_target`` and the gap rules of ``select`` read.
+GAP_METRIC_CHOICES = ("dp_gap", "eopp_gap", "eodds_gap")
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,8 +45,9 @@ class TrainConfig:
     given; the smallest gap if none meets it), ``"last"`` the final epoch, ``"dp_gap"`` / ``"eodds_gap"``
     the smallest validation gap (Fair Mixup's rule, which ignores accuracy).
 
-    ``sampling`` is how batches are drawn: ``"auto"`` lets the method choose (random for ERM and
-    GroupMixNorm, group-balanced for gap regularizers); ``"group"`` / ``"group_label"`` force balanced batches
+    ``sampling`` is how batches are drawn: ``"auto"`` lets the method choose (its
+    :meth:`~groupmixnorm.methods.Method.batch_sampling`: random for ERM and GroupMixNorm, group-balanced for gap
+    regularizers); ``"group"`` / ``"group_label"`` force balanced batches
     of ``batch_size`` per group (per group and label) for every method, as the Fair Mixup protocol does.
     """
 
@@ -71,7 +75,7 @@ class TrainConfig:
             raise ValueError(f"select must be one of {SELECTION_RULES}, got {self.select!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ValueError(f"sampling must be one of {SAMPLING_CHOICES}, got {self.sampling!r}")
-        if self.gap_metric not in ("dp_gap", "eodds_gap", "eopp_gap"):
+        if self.gap_metric not in GAP_METRIC_CHOICES:
             raise ValueError(f"gap_metric must be dp_gap, eopp_gap or eodds_gap, got {self.gap_metric!r}")
 
 
@@ -123,18 +127,15 @@ def train(
     refused before anything trains.
     """
     check_splits(data)
-    generator = seed_everything(config.seed)
+    seed_everything(config.seed)
     outside = _fit_outside_loop(method, data, config, on_epoch)
     if outside is not None:
         return outside
     device = torch.device(config.device)
     workers = workers_from_environment(device)
-    check_method(method.name, workers)
     train_split, val_split, test_split = (to_tensors(s, device) for s in (data.train, data.val, data.test))
-    model = method.build_model(ModelSpec.of(data, config.hidden)).to(device)
-    method.setup(model, config.seed)
-    trained = wrap_model(model, workers)  # the model itself, or its synchronized DDP copy under torchrun
-    optimizer = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    prepared = prepare(method, ModelSpec.of(data, config.hidden), config, workers)
+    model, trained, optimizer, generator = prepared.model, prepared.trained, prepared.optimizer, prepared.generator
 
     loop = LoopState(epoch=-1, history=[], epoch_seconds=[], best=None)
     if resume is not None:
@@ -179,7 +180,7 @@ def _fit_outside_loop(
 ) -> TrainResult | None:
     """Fit a method that does not use the torch loop (``None`` for those that do): the fit is epoch 0."""
     started = time.perf_counter()
-    scorer = method.fit_outside_loop(data, config.seed)
+    scorer = method.fit_outside_loop(data, config)
     if scorer is None:
         return None
     seconds = time.perf_counter() - started
@@ -193,7 +194,7 @@ def _fit_outside_loop(
 
 
 def _score_split(scorer: Scorer, split: Split) -> tuple[dict[str, float], np.ndarray]:
-    scores = np.asarray(scorer(split.X), dtype=np.float64)
+    scores = np.asarray(scorer(split.X, split.a), dtype=np.float64)
     return fairness_report(split.y, scores, split.a), scores
 
 
@@ -229,7 +230,7 @@ def train_one_epoch(
     model.train()
     totals: dict[str, float] = {}
     steps = 0
-    sampling = method.sampling if config.sampling == "auto" else config.sampling
+    sampling = method.batch_sampling() if config.sampling == "auto" else config.sampling
     indices = batch_indices(
         sampling, split.y, split.a, batch_size=config.batch_size, iterations=config.iterations,
         generator=generator,

@@ -187,6 +187,7 @@ def _nan_on_one_rank(rank: int, store: str, out_dir: str) -> None:
             message = str(error)
         unchanged = all(torch.equal(buffer, before[name]) for name, buffer in layer.named_buffers())
         torch.save({"message": message, "unchanged": unchanged}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
 

@@ -75,6 +75,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                 SyncGroupMixNorm(3, num_groups=3, align_quantiles=4, dtype=torch.float64), _shard(x, rank),
                 _shard(groups, rank), _shard(labels, rank) if condition else None)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
 
@@ -208,6 +209,7 @@ def _ddp_step_worker(rank: int, store: str, out: str, options: dict) -> None:
         gradients = _step_gradients(model, method, Batch(x[rows], y[rows], groups[rows]))
         if rank == 0:
             torch.save(gradients, out)
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
 

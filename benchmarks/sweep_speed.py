@@ -37,7 +37,7 @@ import torch
 from groupmixnorm.experiments.bench import RecordStore
 from groupmixnorm.experiments.executors import Executor, LocalWorkers, RayExecutor, Sequential
 from groupmixnorm.experiments.tabular_bench import run_tabular, tabular_plans
-from groupmixnorm.training import write_text_atomic
+from groupmixnorm.files import write_text_atomic
 
 #: Where the full measurement writes its table (``--quick`` never writes).
 RESULTS = Path("docs/results/sweep-speed.md")

@@ -99,7 +99,7 @@ def test_the_checkpoint_stores_the_chosen_threshold_and_predict_uses_it(search_r
 
 def test_the_onnx_sidecar_carries_the_threshold_and_old_checkpoints_read_as_half(search_run, tmp_path):
     from groupmixnorm.training.checkpoint import load_checkpoint
-    from groupmixnorm.training.export import preprocessing_spec
+    from groupmixnorm.export import preprocessing_spec
 
     _, out, _ = search_run
     _rewrite_threshold(out / "model.pt", tmp_path / "model.pt", 0.7)
@@ -254,3 +254,45 @@ def test_flags_that_do_not_fit_a_search_are_one_line_errors(table, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "front.csv").exists()
+
+
+# ------------------------------------------------------------------ monotone and non-monotone knobs (faked)
+
+
+def _fake_trials(monkeypatch, gap_of):
+    """Trials that train nothing: a knob value's validation AP falls with the value (a stronger knob costs
+    accuracy) and its gap is ``gap_of(value)``; feasible when the gap is at most 0.05."""
+    def fit(data, config, bounds, name, options, keep):
+        value = options["lam"]
+        gap = gap_of(value)
+        choice = constraint.ThresholdChoice(0.5, 1.0 / (1.0 + value), 0.8, {"dp_gap_hard": gap},
+                                            {"dp_gap_hard": gap}, gap <= 0.05)
+        return constraint.TrialFit(choice, 0.0, "", (lambda split: None, None, None))
+
+    monkeypatch.setattr(constraint, "fit_trial", fit)
+
+
+def _search(budget):
+    from groupmixnorm.training import TrainConfig
+
+    return constraint.search(None, {"gapreg": {}}, {"dp_gap_hard": 0.05}, config=TrainConfig(seed=0), budget=budget)
+
+
+def test_a_monotone_knob_is_searched_to_its_feasible_side(monkeypatch):
+    _fake_trials(monkeypatch, lambda value: 0.2 / value)  # falls with the knob; feasible from 4 up
+    result = _search(20)
+    feasible = [trial for trial in result.trials if trial.feasible]
+    assert feasible and result.chosen.value >= 4.0
+    assert result.chosen.value == min(trial.value for trial in feasible)  # the weakest feasible: the best AP
+
+
+def test_a_knob_whose_gap_is_not_monotone_is_still_searched_where_it_is_met(monkeypatch):
+    # Met only between 0.5 and 5: both ends of the range (0.1, 30) miss it, so bisection on the knob would
+    # stop at "infeasible"; TPE's random start (10 draws over 40 % of the log range) reaches the middle.
+    gap = lambda value: 0.02 if 0.5 <= value <= 5.0 else 0.3
+    knob = constraint.KNOBS["gapreg"]
+    assert gap(knob.low) > 0.05 and gap(knob.high) > 0.05
+    _fake_trials(monkeypatch, gap)
+    result = _search(20)
+    assert result.chosen is not None and 0.5 <= result.chosen.value <= 5.0
+    assert result.chosen.value == min(trial.value for trial in result.trials if trial.feasible)

@@ -112,10 +112,10 @@ def _write(path, text):
     ([], lambda tmp, good: _write(tmp / "empty.csv", ""), "is empty"),
     ([], lambda tmp, good: _write(tmp / "header.csv", "a,b,c\n"), "has a header but no rows"),
     (["--drop", "nope"], lambda tmp, good: good, "unknown drop column 'nope'"),
-    (["--positive", "maybe"], lambda tmp, good: good, "--positive 'maybe' is not a value of label column 'y'"),
+    (["--positive", "maybe"], lambda tmp, good: good, "positive class 'maybe' is not a value of label column 'y'"),
     (["--strict"], lambda tmp, good: good, "2 row(s)"),
     ([], lambda tmp, good: _write(tmp / "multi.csv", "y,g,x\n" + "a,m,1\nb,f,2\nc,m,3\n" * 4),
-     "label column 'y' is not binary: it has 3 distinct value(s) ('a', 'b', 'c'); pick the positive class"),
+     "label column 'y' is not binary: it has 3 distinct value(s) ('a', 'b', 'c'); name the positive class"),
     ([], lambda tmp, good: _write(tmp / "one.csv", "y,g,x\n" + "0,m,1\n1,m,2\n" * 4),
      "sensitive column 'g' has one value ('m')"),
 ])

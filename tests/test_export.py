@@ -11,7 +11,7 @@ import torch
 from groupmixnorm import cli
 from groupmixnorm.data import read_adult_frame
 from groupmixnorm.training.checkpoint import load_checkpoint
-from groupmixnorm.training.export import export_onnx
+from groupmixnorm.export import export_onnx
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

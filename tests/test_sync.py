@@ -23,12 +23,14 @@ CASES = {
     "images": dict(shape=(6, 2, 3, 3), groups=[0, 0, 1, 0, 1, 0], options={}, calls=1),
     "sometimes-mixed": dict(shape=(12, 4), groups=[0, 1] * 6, options={"p": 0.5, "output_scale": "mixed"}, calls=4),
     "single-group-rank": dict(shape=(8, 2), groups=[0, 0, 0, 0, 1, 1, 1, 1], options={"alpha": 0.3}, calls=2),
+    # A mean 10^7 times the spread: variances from sums of squares lose about 3 digits here even in float64.
+    "far-from-zero": dict(shape=(12, 3), groups=[0, 1, 2] * 4, options={}, calls=1, offset=1e7),
 }
 
 
 def _inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(7)
-    x = torch.randn(case["shape"], generator=generator, dtype=torch.float64) * 3 + 1
+    x = torch.randn(case["shape"], generator=generator, dtype=torch.float64) * 3 + 1 + case.get("offset", 0.0)
     weights = torch.randn(case["shape"], generator=generator, dtype=torch.float64)
     return x, torch.tensor(case["groups"]), weights
 

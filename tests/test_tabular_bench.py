@@ -79,7 +79,7 @@ def test_a_missing_record_is_the_only_run_trained_again(quick_results, monkeypat
         return execute(spec)
 
     monkeypatch.setattr(bench, "execute", counted)
-    assert cli.main([*QUICK, "--results-dir", str(quick_results)]) == 0
+    assert cli.main([*QUICK, "--workers", "1", "--results-dir", str(quick_results)]) == 0
     assert trained == [lost.stem]
     assert lost.exists()
 
@@ -149,7 +149,7 @@ def test_the_reports_chosen_settings_are_those_chosen_on_validation(quick_result
 @pytest.mark.parametrize("argv, message", [
     (["bench", "tabular", "--quick", "--datasets", "german,mnist"], "--datasets must name some of adult"),
     (["bench", "tabular", "--quick", "--methods", "gmn,svm"], "--methods must name methods of the tabular bench"),
-    (["bench", "adult", "--quick", "--datasets", "german"], "--datasets applies to the tabular bench, not adult"),
+    (["bench", "adult", "--quick", "--datasets", "german"], "--datasets applies to the tabular and fair-by-constraint benches, not adult"),
 ])
 def test_bad_tabular_options_are_usage_errors(argv, message, capsys, tmp_path):
     assert cli.main([*argv, "--quiet", "--results-dir", str(tmp_path)]) == 2

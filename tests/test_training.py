@@ -13,7 +13,8 @@ import torch
 
 from groupmixnorm.data import Split, TabularDataset
 from groupmixnorm.methods import ERM, METHODS, make_method
-from groupmixnorm.training import TrainConfig, TrainingDiverged, train, write_json_atomic
+from groupmixnorm.training import TrainConfig, TrainingDiverged, train
+from groupmixnorm.files import write_json_atomic
 from groupmixnorm.training.sampling import batch_indices
 
 #: Registered methods that are not torch models trained by the loop (they have their own fit).

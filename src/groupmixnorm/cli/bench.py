@@ -11,6 +11,10 @@ from groupmixnorm.cli.common import UsageError, _add_executor_options, _add_thre
 
 #: Seeds of the full benches (the committed results); a run with fewer is partial.
 FULL_SEEDS = 5
+#: Benches over the five bundled tables (they take --datasets), beside the single-data-set grids of ``PLANS``.
+TABLE_BENCHES = ("tabular", "fair-by-constraint")
+#: Benches of their own records (no --methods, --workers or --ray).
+RECORD_BENCHES = ("adult-debias", "adult-invariance", "adult-unseen")
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -27,7 +31,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 def _add_bench_options(bench: argparse.ArgumentParser) -> None:
     from groupmixnorm.experiments.bench import PLANS  # imports torch: only when bench is parsed
 
-    bench.add_argument("name", choices=sorted([*PLANS, "adult-debias", "adult-invariance", "adult-unseen", "tabular"]),
+    bench.add_argument("name", choices=sorted([*PLANS, *TABLE_BENCHES, *RECORD_BENCHES]),
                        help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="one setting per method, one seed, 2 short epochs")
     bench.add_argument("--seeds", type=int, default=FULL_SEEDS, help="seeds per setting (full bench)")
@@ -42,12 +46,13 @@ def _add_bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--methods", default=None,
                        help="comma-separated methods to run (default: all); the report covers what was run")
     bench.add_argument("--datasets", default=None,
-                       help="tabular: comma-separated data sets (default: adult,german,compas,credit,law); fewer is "
-                       "a partial run")
+                       help="tabular and fair-by-constraint: comma-separated data sets (default: adult,german,compas,"
+                       "credit,law); fewer is a partial run")
     bench.add_argument("--data-dir", type=Path, default=None, help="celeba: the folder in the official layout")
     bench.add_argument("--target", default=None, help="celeba: the attribute to predict [default: Smiling]")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_executor_options(bench, "runs of the adult, celeba, colored-digits and tabular benches")
+    _add_executor_options(bench, "runs of the adult, celeba, colored-digits and tabular benches, and the trials of "
+                          "fair-by-constraint")
     _add_threads(bench)
     bench.set_defaults(handler=_run_bench)
 
@@ -59,14 +64,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.methods and args.name not in (*PLANS, "tabular"):
-        names = sorted([*PLANS, "tabular"])
-        raise UsageError(f"--methods applies to the {', '.join(names[:-1])} and {names[-1]} benches, not {args.name}")
-    if args.datasets and args.name != "tabular":
-        raise UsageError(f"--datasets applies to the tabular bench, not {args.name}")
-    if (args.workers is not None or args.ray is not None) and args.name not in (*PLANS, "tabular"):
-        names = sorted([*PLANS, "tabular"])
-        raise UsageError(f"--workers and --ray apply to the {', '.join(names[:-1])} and {names[-1]} benches, "
+    grids = sorted([*PLANS, *TABLE_BENCHES])
+    if args.methods and args.name not in grids:
+        raise UsageError(f"--methods applies to the {', '.join(grids[:-1])} and {grids[-1]} benches, not {args.name}")
+    if args.datasets and args.name not in TABLE_BENCHES:
+        raise UsageError(f"--datasets applies to the tabular and fair-by-constraint benches, not {args.name}")
+    if (args.workers is not None or args.ray is not None) and args.name not in grids:
+        raise UsageError(f"--workers and --ray apply to the {', '.join(grids[:-1])} and {grids[-1]} benches, "
                          f"not {args.name}")
     explicit_dir = getattr(args, "results_dir", None)
     args.results_dir = explicit_dir or _default_results_dir(args)
@@ -79,6 +83,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         return _run_invariance_bench(args)
     if args.name == "tabular":
         return _run_tabular_bench(args)
+    if args.name == "fair-by-constraint":
+        return _run_constraint_bench(args)
     plan = PLANS[args.name](quick=args.quick, seeds=args.seeds, **_bench_data_options(args))
     if args.methods:
         plan = _only_methods(plan, args.methods)
@@ -169,6 +175,32 @@ def _run_tabular_bench(args: argparse.Namespace) -> int:
     return _run_record_bench(args, total=total, run=run, report=report, title=_bar_title("bench tabular", executor))
 
 
+def _run_constraint_bench(args: argparse.Namespace) -> int:
+    from groupmixnorm.experiments.constraint_bench import (
+        NAME, constraint_runs, run_constraint_bench, write_constraint_results,
+    )
+
+    try:
+        runs = constraint_runs(quick=args.quick, seeds=args.seeds, datasets=_names(args.datasets),
+                               methods=_names(args.methods))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    executor = _executor(args)
+
+    def run(root: Path, advance: Any) -> Any:  # the bar counts trials: a search is dozens of them
+        with executor:
+            return run_constraint_bench(runs, root, executor=executor, on_trial=advance,
+                                        on_reused=lambda done: [advance(f"{done.dataset} seed {done.seed} (done "
+                                                                        "before)") for _ in range(done.trials())])
+
+    def report(records: Any, path: Path, command: str) -> Path:
+        write_constraint_results(runs, records, path.parent, command)
+        return path
+
+    return _run_record_bench(args, total=sum(run.trials() for run in runs), run=run, report=report,
+                             title=_bar_title(f"bench {NAME}", executor), unit="trial")
+
+
 def _bar_title(title: str, executor: Any) -> str:
     """A progress bar's title, with where the runs go when not in this process (connecting to Ray, so that
     a cluster that is not there is one line before anything runs)."""
@@ -180,13 +212,14 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _run_record_bench(args: argparse.Namespace, *, total: int, run: Any, report: Any, title: str | None = None) -> int:
+def _run_record_bench(args: argparse.Namespace, *, total: int, run: Any, report: Any, title: str | None = None,
+                      unit: str = "run") -> int:
     """Run a bench whose ``run(records_root, advance)`` returns records, with a progress bar (``title``,
     default ``bench NAME``), then write ``RESULTS/NAME.md`` with ``report(records, path, command)``."""
     from tqdm import tqdm
 
     _guard_results_dir(args, args.name)
-    bar = tqdm(total=total, desc=title or f"bench {args.name}", unit="run", file=sys.stderr, disable=args.quiet)
+    bar = tqdm(total=total, desc=title or f"bench {args.name}", unit=unit, file=sys.stderr, disable=args.quiet)
 
     def advance(label: str) -> None:
         bar.set_postfix_str(label)

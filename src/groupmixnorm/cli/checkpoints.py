@@ -35,7 +35,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from groupmixnorm.training import write_text_atomic
+    from groupmixnorm.files import write_text_atomic
     from groupmixnorm.training.checkpoint import FilledCategoriesWarning, load_checkpoint
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:  # NaN fails both comparisons
@@ -165,7 +165,8 @@ def _run_debias(args: argparse.Namespace) -> int:
     import shlex
 
     from groupmixnorm.experiments.debias import debias
-    from groupmixnorm.training import TrainConfig, write_json_atomic
+    from groupmixnorm.training import TrainConfig
+    from groupmixnorm.files import write_json_atomic
     from groupmixnorm.training.checkpoint import load_checkpoint
 
     options = {name: value for name, value in (("align", args.align), ("align_quantiles", args.align_quantiles),
@@ -205,7 +206,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from groupmixnorm.training.checkpoint import load_checkpoint
-    from groupmixnorm.training.export import export_onnx
+    from groupmixnorm.export import export_onnx
 
     result = export_onnx(load_checkpoint(args.checkpoint), args.onnx)
     print(f"wrote {result.onnx_path} and {result.preprocessing_path}")

@@ -38,8 +38,8 @@ def _add_executor_options(parser: Any, what: str) -> None:
     :mod:`groupmixnorm.experiments.executors`)."""
     parser.add_argument("--workers", nargs="?", const="auto", default=None, type=_parse_workers, metavar="N",
                         help=f"train the {what} in N processes of this machine, one torch thread each (or "
-                        "--threads); --workers alone or auto: one per core, less one for this process beyond two "
-                        "cores; the same results as one process [default: 1, this process]")
+                        "--threads); auto: one per core, less one for this process beyond two cores; 1: in this "
+                        "process; the same results whatever N [default: auto]")
     parser.add_argument("--ray", default=None, metavar="auto|HOST:PORT",
                         help=f"train the {what} as tasks of a Ray cluster (pip install \"groupmixnorm[distributed]\"): "
                         "auto (RAY_ADDRESS, or the cluster `ray start` started on this machine) or the head's "
@@ -61,11 +61,12 @@ def _parse_workers(text: str) -> int:
 
 
 def _executor(args: argparse.Namespace) -> Any:
-    """The executor that ``--workers`` and ``--ray`` ask for (this process for neither)."""
-    from groupmixnorm.experiments.executors import executor_for
+    """The executor that ``--workers`` and ``--ray`` ask for (for neither: ``--workers auto``)."""
+    from groupmixnorm.experiments.executors import default_workers, executor_for
 
+    workers = default_workers() if args.workers is None and args.ray is None else args.workers
     try:
-        return executor_for(args.workers, args.ray, threads=getattr(args, "threads", None))
+        return executor_for(workers, args.ray, threads=getattr(args, "threads", None))
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -308,7 +308,8 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from groupmixnorm.experiments import execute
-    from groupmixnorm.training import TrainingDiverged, write_json_atomic
+    from groupmixnorm.training import TrainingDiverged
+    from groupmixnorm.files import write_json_atomic
 
     if args.max_gap is None:
         given = [flag for flag, value in (("--methods", args.methods), ("--budget", args.budget),
@@ -407,7 +408,7 @@ def _run_constrained(args: argparse.Namespace) -> int:
 def _write_constrained(args: argparse.Namespace, record: dict[str, Any], result: Any, spec: Any, data: Any,
                        source: Any) -> None:
     """metrics.json, and with --save the chosen model's checkpoint with its threshold."""
-    from groupmixnorm.training import write_json_atomic
+    from groupmixnorm.files import write_json_atomic
     from groupmixnorm.training.checkpoint import save_checkpoint
 
     if args.save is not None:

@@ -151,7 +151,7 @@ def _cache_path(folder: Path, names: list[str], size: int) -> Path:
 
 def _save_atomic(path: Path, images: np.ndarray) -> None:
     """Write the cache via a temporary file and a rename; an unwritable cache only costs decoding again."""
-    from groupmixnorm.training.records import atomic_output  # not at the top: training imports data
+    from groupmixnorm.files import atomic_output
 
     try:
         with atomic_output(path) as temporary, open(temporary, "wb") as stream:

@@ -204,14 +204,14 @@ def binary_labels(column: pd.Series, positive: str | None, name: str) -> tuple[n
         if len(values) != 2:
             shown = ", ".join(repr(_text(v)) for v in values[:5]) + (", ..." if len(values) > 5 else "")
             raise CSVError(f"label column {name!r} is not binary: it has {len(values)} distinct value(s) ({shown}); "
-                           "pick the positive class with --positive VALUE")
+                           "name the positive class with the positive option")
         chosen = column == values[1]
         positive = _text(values[1])
     else:
         chosen = _matches(column, positive)
         if not chosen.any():
             shown = ", ".join(repr(_text(v)) for v in values[:10])
-            raise CSVError(f"--positive {positive!r} is not a value of label column {name!r} (values: {shown})")
+            raise CSVError(f"positive class {positive!r} is not a value of label column {name!r} (values: {shown})")
     y = chosen.to_numpy(dtype=np.int64)
     if y.min() == y.max():
         raise CSVError(f"label column {name!r} has only one class after choosing positive {positive!r}")
@@ -253,10 +253,10 @@ def _feature_columns(
     if label in sensitive:
         raise CSVError(f"the label and the protected attribute are the same column {label!r}")
     if {label, *sensitive} & set(drop):
-        raise CSVError("--drop cannot drop the label or the protected attribute")
+        raise CSVError("the drop option cannot name the label or the protected attribute")
     features = [c for c in frame.columns if c not in {label, *sensitive, *drop}]
     if not features:
-        raise CSVError(f"{source} has no input columns left besides the label, the protected attribute and --drop")
+        raise CSVError(f"{source} has no input columns left besides the label, the protected attribute and the dropped columns")
     return features
 
 
@@ -268,11 +268,11 @@ class DroppedRows:
     per_column: dict[str, int]
 
     def describe(self, rows: int) -> str:
-        """E.g. ``999 of 1000 rows were dropped for a missing value (999 in 'z'); --drop ...``."""
+        """E.g. ``999 of 1000 rows were dropped for a missing value (999 in 'z'); drop a column ...``."""
         worst = sorted(self.per_column.items(), key=lambda item: -item[1])
         shown = ", ".join(f"{count} in {column!r}" for column, count in worst[:5]) + (", ..." if len(worst) > 5 else "")
-        return (f"{self.total} of {rows} rows were dropped for a missing value ({shown}); --drop a column that "
-                "is mostly empty, or fill it in")
+        return (f"{self.total} of {rows} rows were dropped for a missing value ({shown}); drop a column that "
+                "is mostly empty (the drop option), or fill it in")
 
 
 def _complete_rows(frame: pd.DataFrame, strict: bool, source: Path) -> tuple[pd.DataFrame, DroppedRows]:
@@ -282,7 +282,7 @@ def _complete_rows(frame: pd.DataFrame, strict: bool, source: Path) -> tuple[pd.
     dropped = DroppedRows(int(missing.sum()), {str(c): int(n) for c, n in gaps.sum().items() if n})
     if dropped.total and strict:
         raise CSVError(f"{dropped.total} row(s) of {source} have missing values (in {', '.join(dropped.per_column)}); "
-                       "without --strict they are dropped")
+                       "they are dropped unless the strict option is set")
     kept = frame[~missing].reset_index(drop=True)
     if kept.empty:
         raise CSVError(f"every row of {source} has a missing value: {dropped.describe(len(frame))}")
@@ -340,11 +340,11 @@ def column_warnings(frame: pd.DataFrame, features: Sequence[str], sensitive: str
             score = _proxy_balanced_accuracy(values, groups)
             if score >= LEAK_BALANCED_ACCURACY:
                 messages.append(f"column {column!r} alone predicts the protected attribute {sensitive!r} (balanced "
-                                f"accuracy {score:.2f}), so a model can recover {sensitive!r} from it; --drop {column} "
-                                "unless it must stay")
+                                f"accuracy {score:.2f}), so a model can recover {sensitive!r} from it; drop {column!r} "
+                                "(the drop option) unless it must stay")
         if _looks_like_an_id(values):
             messages.append(f"column {column!r} looks like an identifier (all {len(values)} values distinct), which "
-                            f"a model can only memorize; --drop {column}")
+                            f"a model can only memorize; drop it (the drop option)")
     return messages
 
 

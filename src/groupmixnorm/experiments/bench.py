@@ -20,7 +20,8 @@ from typing import Any
 from groupmixnorm.experiments.executors import Executor, ExecutorError, Sequential, stream_all
 from groupmixnorm.experiments.spec import RunSpec, execute, setting_label
 from groupmixnorm.metrics import METRIC_NAMES
-from groupmixnorm.training import TrainConfig, write_json_atomic
+from groupmixnorm.training import TrainConfig
+from groupmixnorm.files import write_json_atomic
 
 @dataclass(frozen=True)
 class Setting:
@@ -465,7 +466,7 @@ def write_results(plan: BenchPlan, records: Sequence[dict[str, Any]], results_di
     ``results_dir/<name>.md``.
     """
     from groupmixnorm.experiments import report
-    from groupmixnorm.training import write_text_atomic
+    from groupmixnorm.files import write_text_atomic
 
     from groupmixnorm.experiments.selection import validated_runs_table
 

@@ -516,7 +516,7 @@ def plot_front(table: Any, bounds: Mapping[str, float], select: str, path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from groupmixnorm.training.records import atomic_output
+    from groupmixnorm.files import atomic_output
 
     figure, axes = plt.subplots(1, len(bounds), figsize=(5 * len(bounds), 4), squeeze=False)
     for axis, (name, bound) in zip(axes[0], bounds.items()):

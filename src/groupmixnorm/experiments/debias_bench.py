@@ -20,7 +20,8 @@ from groupmixnorm.experiments.bench import RecordStore, train_with_checkpoint
 from groupmixnorm.experiments.debias import DEBIAS_METHODS, debias
 from groupmixnorm.experiments.report import over_seeds
 from groupmixnorm.experiments.spec import RunSpec
-from groupmixnorm.training import TrainConfig, write_json_atomic, write_text_atomic
+from groupmixnorm.training import TrainConfig
+from groupmixnorm.files import write_json_atomic, write_text_atomic
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 FINE_TUNE_EPOCHS = 5

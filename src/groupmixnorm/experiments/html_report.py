@@ -32,7 +32,7 @@ from groupmixnorm.experiments.report_plots import png_bytes as _png
 from groupmixnorm.experiments.report_plots import pyplot as _pyplot
 from groupmixnorm.experiments.report_plots import score_histograms_plot, threshold_sweep_plot
 from groupmixnorm.metrics import useless_model_warnings
-from groupmixnorm.training import write_text_atomic
+from groupmixnorm.files import write_text_atomic
 
 #: Per-group columns shown, in order, with their headers.
 RATE_COLUMNS = {"count": "rows", "base_rate": "base rate", "selection_rate": "selection rate",

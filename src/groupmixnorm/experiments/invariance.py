@@ -36,8 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from groupmixnorm.data.csv import DataWarning
-from groupmixnorm.training import write_json_atomic
-from groupmixnorm.training.records import atomic_output
+from groupmixnorm.files import atomic_output, write_json_atomic
 
 EMBEDDINGS = ("pca", "tsne")
 #: Rows of a group in the probes' scoring half below which their numbers are too noisy to read much into.

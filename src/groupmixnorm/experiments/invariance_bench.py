@@ -19,7 +19,7 @@ from groupmixnorm.experiments.bench import RecordStore, adult_plan, train_with_c
 from groupmixnorm.experiments.invariance import AnalysisOptions, analyze_checkpoint, strongest_probe
 from groupmixnorm.experiments.report import over_seeds
 from groupmixnorm.experiments.spec import RunSpec
-from groupmixnorm.training import write_json_atomic, write_text_atomic
+from groupmixnorm.files import write_json_atomic, write_text_atomic
 
 #: (method, options) of the analyzed settings, each as named in the Adult bench, with why it was chosen.
 SETTINGS: tuple[tuple[str, dict[str, Any], str], ...] = (

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from groupmixnorm.training import write_text_atomic
-from groupmixnorm.training.records import atomic_output
+from groupmixnorm.files import atomic_output, write_text_atomic
 
 #: Columns of the every-setting table: decisions' gaps at threshold 0.5 and the KS distance first; Fair
 #: Mixup's soft gaps last, for comparison with published numbers.

@@ -15,7 +15,8 @@ from groupmixnorm.data import load_dataset
 from groupmixnorm.data.csv import CSVError, read_table
 from groupmixnorm.methods import make_method
 from groupmixnorm.metrics import METRIC_NAMES, useless_model_warnings
-from groupmixnorm.training import TrainConfig, environment_versions, train
+from groupmixnorm.training import TrainConfig, train
+from groupmixnorm.training.environment import environment_versions
 from groupmixnorm.training.resume import ResumePoint
 
 

@@ -120,7 +120,7 @@ def write_tabular_results(
 ) -> list[Path]:
     """Write ``tabular/<dataset>/runs.csv`` and the front plots per data set, then ``tabular.md``."""
     from groupmixnorm.experiments import report
-    from groupmixnorm.training import write_text_atomic
+    from groupmixnorm.files import write_text_atomic
 
     results_dir = Path(results_dir)
     written, tables, plots = [], {}, {}

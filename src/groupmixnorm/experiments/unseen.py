@@ -28,7 +28,8 @@ from groupmixnorm.data.adult import SENSITIVE_GROUPS
 from groupmixnorm.data.tabular import encode_groups
 from groupmixnorm.methods import make_method
 from groupmixnorm.metrics import fairness_report
-from groupmixnorm.training import TrainConfig, train, write_json_atomic, write_text_atomic
+from groupmixnorm.training import TrainConfig, train
+from groupmixnorm.files import write_json_atomic, write_text_atomic
 
 SCENARIOS = ("other-attributes", "held-out-races", "intersectional")
 METHODS: dict[str, dict[str, Any]] = {

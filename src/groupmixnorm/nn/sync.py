@@ -2,10 +2,10 @@
 
 Under ``DistributedDataParallel`` each process sees a slice of the global batch, so a rare group may have
 one or two samples per process, or none. :class:`SyncGroupMixNorm` computes every group's moments over
-all processes, as ``torch.nn.SyncBatchNorm`` does for the batch moments: per-group counts, sums and sums
-of squares travel in one all-reduce per layer call (not one per group), together with the mixing draws of
-rank 0, so every process normalizes with the same statistics and the same mixture. The all-reduce is part
-of the autograd graph, so input gradients are those of one process holding the whole batch.
+all processes, as ``torch.nn.SyncBatchNorm`` does for the batch moments: each process's per-group counts,
+means and variances travel in one all-gather per layer call (not one per group), together with the mixing
+draws, so every process normalizes with the same statistics and rank 0's mixture. The gather is part of the
+autograd graph, so input gradients are those of one process holding the whole batch.
 """
 
 from __future__ import annotations
@@ -28,28 +28,13 @@ _LAYER_OPTIONS = (
 )
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of every copy is the sum of the copies' gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # noqa: ANN205
-        ctx.group = group
-        total = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN205
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-
 class _AllGather(torch.autograd.Function):
     """Concatenate every process's rows (row counts may differ); the gradient of each process's slice is
     the sum over processes of the gradients of their copies."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # noqa: ANN205
-        sizes = _row_counts(tensor, group)
+    def forward(ctx, tensor: Tensor, group: Any, sizes: list[int] | None = None) -> Tensor:  # noqa: ANN205
+        sizes = _row_counts(tensor, group) if sizes is None else sizes
         ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
         return _gather_rows(tensor, sizes, group)
 
@@ -58,7 +43,7 @@ class _AllGather(torch.autograd.Function):
         total = grad.contiguous()
         dist.all_reduce(total, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
-        return total[start : start + ctx.sizes[ctx.rank]], None
+        return total[start : start + ctx.sizes[ctx.rank]], None, None
 
 
 def _row_counts(tensor: Tensor, group: Any) -> list[int]:
@@ -95,9 +80,9 @@ class SyncGroupMixNorm(_GroupMixNorm):
     a single process with that seed would. Outside a process group it is an ordinary GroupMixNorm layer;
     in evaluation it always is (its running statistics are identical on every process).
 
-    Only ``mix="shared"`` is supported: pairwise mixing draws a partner per sample. The variance comes
-    from sums of squares (one collective carries everything), which loses precision when a channel's mean
-    is many orders of magnitude larger than its spread. The alignment penalty, when collected, is that of
+    Only ``mix="shared"`` is supported: pairwise mixing draws a partner per sample. One all-gather carries
+    every process's group counts, means and variances (two-pass on each process, combined by the law of
+    total variance, so as precise as one layer's). The alignment penalty, when collected, is that of
     the whole distributed batch (its inputs are gathered: quantiles need every value); every process
     holds the same penalty, and DDP's averaged gradients are those of one penalty.
 
@@ -118,7 +103,7 @@ class SyncGroupMixNorm(_GroupMixNorm):
         self.process_group = process_group
 
     def _may_fuse(self) -> bool:
-        # The fused function computes this process's moments; synchronized ones come from the all-reduce.
+        # The fused function computes this process's moments; synchronized ones come from the all-gather.
         return not self._is_distributed() and super()._may_fuse()
 
     def _moments_and_mixing(
@@ -153,36 +138,41 @@ class SyncGroupMixNorm(_GroupMixNorm):
     def _synchronized_moments(
         self, x: Tensor, groups: Tensor, table_size: int, mix_here: bool
     ) -> tuple[bool, Tensor, GroupMoments, K._Segments]:
-        """One all-reduce of this process's per-group counts, sums and sums of squares, with rank 0's draws:
-        whether to mix (``mix_here`` is this process's ``p`` draw), the Gamma draws, the moments, and this
+        """One all-gather of this process's per-group counts, means and variances, with its draws: whether
+        to mix (rank 0's ``p`` draw), rank 0's Gamma draws, the moments of all processes, and this
         process's rows by group.
 
-        The random draws happen on every process (so that generators advance alike) and in the order a
-        single ``GroupMixNorm`` layer makes them; only rank 0's survive the sum.
+        Each process's moments are two-pass (as in every GroupMixNorm layer) and are combined by the law of
+        total variance, so the variance stays accurate when a channel's mean dwarfs its spread. The random
+        draws happen on every process (so that generators advance alike) and in the order a single
+        ``GroupMixNorm`` layer makes them; only rank 0's are used.
         """
         channels = x.shape[1]
         counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
+        local = K.group_moments(x, groups, table_size, counts=counts, segments=segments)
         gamma = F.gamma_draws(counts, self.alpha) if mix_here else torch.zeros_like(counts)
-        is_root = float(dist.get_rank(self.process_group) == 0)
-        draws = torch.cat([gamma, counts.new_tensor([float(mix_here)])]) * is_root
-        packed = torch.cat([counts, segments.sum(x).flatten(), segments.sum(x.square()).flatten(), draws])
-        total = _AllReduceSum.apply(packed, self.process_group)
-        counts, sums, square_sums, draws = total.split([table_size, table_size * channels, table_size * channels, table_size + 1])
-        counts, draws = counts.detach(), draws.detach()
-        moments = _moments_from_sums(counts, sums.view(table_size, channels), square_sums.view(table_size, channels))
+        packed = torch.cat([counts, local.mean.flatten(), local.var.flatten(), gamma, counts.new_tensor([float(mix_here)])])
+        world = dist.get_world_size(self.process_group)
+        every = _AllGather.apply(packed.unsqueeze(0), self.process_group, [1] * world)
+        counts, means, variances, draws = every.split([table_size, table_size * channels, table_size * channels,
+                                                       table_size + 1], dim=1)
+        moments = _combined_moments(counts.detach(), means.view(world, table_size, channels),
+                                    variances.view(world, table_size, channels))
+        draws = draws[0].detach()
         return bool(draws[-1] > 0.5), draws[:-1], moments, segments
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", process_group={self.process_group}"
 
 
-def _moments_from_sums(counts: Tensor, sums: Tensor, square_sums: Tensor) -> GroupMoments:
-    """Group moments from per-group counts ``(G,)``, sums and sums of squares ``(G, C)``; the batch's follow
-    from the groups' as in every GroupMixNorm layer."""
-    inverse = counts.clamp_min(1).reciprocal().unsqueeze(1)
-    mean = sums * inverse
-    var = (square_sums * inverse - mean.square()).clamp_min(0.0)
-    return GroupMoments(counts, mean, var, *batch_moments(counts, mean, var))
+def _combined_moments(counts: Tensor, means: Tensor, variances: Tensor) -> GroupMoments:
+    """Group moments of all processes from each one's counts ``(P, G)``, means and biased variances
+    ``(P, G, C)``, by the law of total variance; the batch's follow from the groups' as in every layer."""
+    total = counts.sum(0)
+    shares = (counts / total.clamp_min(1)).unsqueeze(2)
+    mean = (shares * means).sum(0)
+    var = (shares * (variances + (means - mean).square())).sum(0)
+    return GroupMoments(total, mean, var, *batch_moments(total, mean, var))
 
 
 def convert_sync_groupmixnorm(module: nn.Module, process_group: Any = None) -> nn.Module:

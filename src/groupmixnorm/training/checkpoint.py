@@ -197,7 +197,8 @@ def save_checkpoint(
     sidecar use unless told otherwise.
     """
     from groupmixnorm.experiments.spec import data_fingerprint, fills_missing_categories
-    from groupmixnorm.training.records import atomic_output, environment_versions
+    from groupmixnorm.training.environment import environment_versions
+    from groupmixnorm.files import atomic_output
 
     if len(data.input_shape) > 1:
         raise ValueError(f"cannot save {path}: checkpoints hold models that score table rows; image models are "

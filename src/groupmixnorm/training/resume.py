@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from groupmixnorm.training.records import atomic_output
+from groupmixnorm.files import atomic_output
 
 STATE_FORMAT = "groupmixnorm-training-state"
 STATE_VERSION = 1

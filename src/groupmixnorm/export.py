@@ -71,7 +71,7 @@ def export_onnx(checkpoint: Any, path: str | os.PathLike, *, check_rows: int = 6
         For a model that needs the protected attribute at prediction (``eval_mode="group"``), or when the
         ONNX exporter (the ``export`` extra) is missing.
     """
-    from groupmixnorm.training.records import atomic_output, write_json_atomic
+    from groupmixnorm.files import atomic_output, write_json_atomic
 
     if checkpoint.method.uses_sensitive_at_prediction():
         raise ValueError("this model needs the protected attribute at prediction (eval_mode='group'); only "

@@ -1,10 +1,9 @@
-"""Writing results so that nothing half-written is ever left behind."""
+"""Writing result files atomically: a reader sees the old file or the whole new one, never half of it."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import secrets
 import stat
 from collections.abc import Iterator
@@ -59,24 +58,6 @@ def _new_file_beside(target: Path) -> Path:
         except FileExistsError:
             continue
         return candidate
-
-
-def environment_versions() -> dict[str, str]:
-    """Versions of the pieces that decide the numbers: Python, torch, numpy, scikit-learn, this package."""
-    import numpy
-    import sklearn
-    import torch
-
-    import groupmixnorm
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "groupmixnorm": groupmixnorm.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,281 @@
+"""``groupmixnorm bench fair-by-constraint``: the ``--max-gap`` search on every bundled table, over seeds.
+
+For each data set of the tabular bench and each seed, :func:`~groupmixnorm.experiments.constraint.search`
+runs exactly as ``train --max-gap dp_gap_hard=0.05 --methods auto --budget 6`` would (the tabular bench's
+network, loop and tuning budget), and one record per search is kept, so the bench resumes where it stopped.
+The report puts each data set's chosen models beside the best single method of ``tabular.md`` under the
+same bound, compared seed by seed, and says whether the bound held on test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from groupmixnorm.experiments import constraint
+from groupmixnorm.experiments.selection import choose_on_validation, compare_to_best_peer
+from groupmixnorm.experiments.spec import RunSpec, load_run_data
+from groupmixnorm.experiments.tabular_bench import (
+    BUDGET, DATASETS, FULL_CONFIG, QUICK_CONFIG, QUICK_DATASETS, REFERENCES,
+)
+from groupmixnorm.metrics.uncertainty import mean_interval
+from groupmixnorm.files import write_json_atomic, write_text_atomic
+
+NAME = "fair-by-constraint"
+#: The bound every search must meet (the goal's: selection rates within 5 points).
+BOUNDS = {"dp_gap_hard": 0.05}
+#: What a row of the report calls the search, among the single methods it is compared with.
+SEARCH = "search"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintRun:
+    """One search: a data set, a seed, the candidate methods and the trials per method."""
+
+    dataset: str
+    seed: int
+    methods: tuple[str, ...]
+    budget: int
+    quick: bool = False
+
+    def spec(self) -> RunSpec:
+        """The data and loop of every trial (the method is each trial's own)."""
+        config = dataclasses.replace(QUICK_CONFIG if self.quick else FULL_CONFIG, seed=self.seed)
+        return RunSpec(method="erm", dataset=self.dataset, sensitive=DATASETS[self.dataset], protocol="official",
+                       config=config)
+
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        return {name: constraint.candidate_options(name, BOUNDS) for name in self.methods}
+
+    def trials(self) -> int:
+        return sum(1 if name not in constraint.KNOBS else self.budget for name in self.methods)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the search's outcome; a stored record with another identity is searched again."""
+        return {"spec": self.spec().to_dict(), "methods": self.candidates(), "bounds": BOUNDS, "budget": self.budget,
+                "select": "ap", "thresholds": list(constraint.THRESHOLDS), "resamples": constraint.RESAMPLES}
+
+    def command(self) -> str:
+        spec = self.spec()
+        config = spec.config
+        return (f"groupmixnorm train --dataset {self.dataset} --sensitive {spec.sensitive} --max-gap "
+                + " --max-gap ".join(f"{name}={bound}" for name, bound in BOUNDS.items())
+                + f" --methods {','.join(self.methods)} --budget {self.budget} --epochs {config.epochs} "
+                f"--iterations {config.iterations} --batch-size {config.batch_size} "
+                f"--hidden {','.join(map(str, config.hidden))} --seed {self.seed} --out OUT")
+
+    def path(self, root: Path) -> Path:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+        return Path(root) / self.dataset / f"seed{self.seed}-{digest}.json"
+
+
+def constraint_runs(*, quick: bool = False, seeds: int = 5, datasets: Sequence[str] | None = None,
+                    methods: Sequence[str] | None = None) -> list[ConstraintRun]:
+    """Every search of the bench: data sets (default all five; quick: the two smallest) x seeds (quick: one),
+    each over ``methods`` (default: ``--methods auto``) with the tabular bench's budget (quick: 2)."""
+    names = tuple(datasets) if datasets is not None else (QUICK_DATASETS if quick else tuple(DATASETS))
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown or not names:
+        raise ValueError(f"--datasets must name some of {', '.join(DATASETS)}, got {','.join(names)!r}")
+    candidates = constraint.auto_methods()
+    chosen = tuple(candidates if methods is None else methods)
+    if not chosen or not set(chosen) <= set(candidates):
+        raise ValueError(f"--methods must name methods a --max-gap search can return ({', '.join(candidates)}), "
+                         f"got {','.join(chosen)!r}")
+    return [ConstraintRun(name, seed, chosen, 2 if quick else BUDGET, quick)
+            for name in names for seed in ((0,) if quick else range(seeds))]
+
+
+def load_record(run: ConstraintRun, root: Path) -> dict[str, Any] | None:
+    """The stored record of ``run``, or ``None`` if it has not run or was made for another identity."""
+    path = run.path(root)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if record.get("identity") == json.loads(json.dumps(run.identity())) else None
+
+
+def run_search(run: ConstraintRun, *, executor: Any = None,
+               on_trial: Callable[[constraint.Trial, Any], None] | None = None) -> dict[str, Any]:
+    """Search as ``train --max-gap`` does and return the record: the choice with its validation and test
+    numbers (test read once, for the choice), or the closest trial when none was feasible; every trial's row."""
+    spec = run.spec()
+    data = load_run_data(spec.to_dict())
+    result = constraint.search(data, run.candidates(), BOUNDS, config=spec.config, budget=run.budget, select="ap",
+                               executor=executor, on_trial=on_trial)
+    record: dict[str, Any] = {"identity": run.identity(), "command": run.command(),
+                              "front": constraint.front_table(result.trials, BOUNDS, result.chosen)
+                              .to_dict(orient="records")}
+    if result.chosen is None:
+        return {**record, "chosen": None, "closest": constraint.closest_message(result.trials, BOUNDS),
+                "search_seconds": result.seconds}
+    threshold = result.chosen.choice.threshold
+    warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), threshold)
+    test = constraint.score_test(result, data, BOUNDS, seed=spec.config.seed)
+    summary = constraint.summary_record(result, data, BOUNDS, select="ap", budget=run.budget, seed=spec.config.seed,
+                                        test=test, warnings=warnings)
+    summary["test"]["majority_accuracy"] = _majority_accuracy(data.test.y)
+    return {**record, **summary}
+
+
+def _majority_accuracy(y: np.ndarray) -> float:
+    rate = float(np.mean(np.asarray(y) == 1))
+    return max(rate, 1.0 - rate)
+
+
+def run_constraint_bench(runs: Sequence[ConstraintRun], records_root: Path, *, executor: Any = None,
+                         on_trial: Callable[[str], None] | None = None,
+                         on_reused: Callable[[ConstraintRun], None] | None = None) -> list[dict[str, Any]]:
+    """Every search of ``runs``, skipping those with a stored record; each record is written (atomically)
+    as soon as its search ends. ``on_trial(label)`` after each trial, ``on_reused(run)`` for a stored one."""
+    records = []
+    for run in runs:
+        record = load_record(run, records_root)
+        if record is None:
+            label = f"{run.dataset} seed {run.seed}"
+            report = None if on_trial is None else (lambda trial, best, label=label: on_trial(
+                f"{label}: {trial.method}" + ("" if best is None else f", best {best.method} AP {best.choice.ap:.3f}")))
+            record = run_search(run, executor=executor, on_trial=report)
+            write_json_atomic(run.path(records_root), record)
+        elif on_reused is not None:
+            on_reused(run)
+        records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def results_table(runs: Sequence[ConstraintRun], records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per search (``runs.csv``): the choice, its validation and test numbers, and the search time."""
+    gap = next(iter(BOUNDS))
+    rows = []
+    for run, record in zip(runs, records):
+        row: dict[str, Any] = {"dataset": run.dataset, "seed": run.seed, "feasible": record["chosen"] is not None,
+                               "search_seconds": record["search_seconds"], "trials": len(record["front"])}
+        if record["chosen"] is not None:
+            chosen, test = record["chosen"], record["test"]
+            row.update(method=chosen["method"], knob=chosen["knob"] or "", value=chosen["value"],
+                       threshold=chosen["threshold"], val_ap=record["validation"]["metrics"]["ap"],
+                       **{f"val_{gap}": record["validation"]["metrics"][gap]},
+                       test_ap=test["metrics"]["ap"], test_accuracy=test["metrics"]["accuracy"],
+                       majority_accuracy=test["majority_accuracy"], **{f"test_{gap}": test["metrics"][gap]},
+                       **{f"test_{gap}_low": test["intervals"][gap]["low"],
+                          f"test_{gap}_high": test["intervals"][gap]["high"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def single_method_choices(results_dir: Path, datasets: Sequence[str]) -> pd.DataFrame | None:
+    """Each single method's validated choice per seed under the bound, from the tabular bench's committed
+    ``tabular/<dataset>/runs.csv`` (references that need the attribute left out); ``None`` if absent."""
+    (gap, bound), = BOUNDS.items()
+    frames = []
+    for dataset in datasets:
+        path = Path(results_dir) / "tabular" / dataset / "runs.csv"
+        if not path.exists():
+            return None
+        runs = pd.read_csv(path)
+        frames.append(choose_on_validation(runs[~runs["method"].isin(REFERENCES)], gap=gap, bound=bound))
+    return pd.concat(frames, ignore_index=True)
+
+
+def constraint_markdown(runs: Sequence[ConstraintRun], table: pd.DataFrame, singles: pd.DataFrame | None,
+                        command: str) -> str:
+    """``fair-by-constraint.md``: per data set, the chosen models against the best single method."""
+    (gap, bound), = BOUNDS.items()
+    methods = ", ".join(runs[0].methods)
+    candidates = "`--methods auto`" if list(runs[0].methods) == constraint.auto_methods() else "a partial run"
+    budget = "the tabular bench's tuning budget" if runs[0].budget == BUDGET else "a quick run's"
+    lines = [
+        "# Fair by constraint: one search per table and seed, the bound named by the user",
+        "",
+        f"Generated by `{command}` (resumable). Each search is `{runs[0].command()}` with the data set and seed of its "
+        "row: every candidate method's fairness knob searched by seeded TPE on validation, "
+        f"{runs[0].budget} trials per method ({budget}), one global decision threshold "
+        f"chosen on validation, feasible when the upper end of the 95% bootstrap interval of the validation "
+        f"{gap} is at most {bound}. The test split is read once per search, for its choice. Candidates "
+        f"({candidates}): {methods}.",
+        "",
+        f"**Best single method**: among the methods of `tabular.md` (ERM included, thresholdopt left out: it "
+        f"needs the attribute), the one of best mean test AP among those whose setting chosen on validation met "
+        f"{gap} <= {bound} on every seed. The verdict is a paired comparison over seeds with the best of those "
+        "that met it on every seed the search met it on (a difference inside the 95% interval is a tie). The "
+        "single methods' choice uses the point validation gap; the search's uses its interval's upper end, a "
+        "stricter rule.",
+        "",
+        f"| data set | chosen (seeds) | test AP | test {gap} | bound held on test (point; within CI) | "
+        "best single method | verdict | test accuracy (majority class) | search time (median, range) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = {} if singles is None else _verdicts(table, singles)
+    for dataset, rows in table.groupby("dataset", sort=False):
+        lines.append(_dataset_row(dataset, rows, singles, verdicts.get(dataset, "(no tabular bench to compare)")))
+    lines += ["", "Intervals are 95% t intervals over seeds; per-seed numbers are in "
+              f"[{NAME}/runs.csv]({NAME}/runs.csv) and every trial in the records.", ""]
+    return "\n".join(lines)
+
+
+def _verdicts(table: pd.DataFrame, singles: pd.DataFrame) -> dict[str, str]:
+    ours = table.assign(method=SEARCH).reindex(columns=["dataset", "method", "seed", "feasible", "test_ap"])
+    choices = pd.concat([singles, ours], ignore_index=True)
+    peers = sorted(set(singles["method"]))
+    return compare_to_best_peer(choices, method=SEARCH, peers=peers)
+
+
+def _dataset_row(dataset: str, rows: pd.DataFrame, singles: pd.DataFrame | None, verdict: str) -> str:
+    (gap, bound), = BOUNDS.items()
+    met = rows[rows["feasible"]]
+    seconds = rows["search_seconds"]
+    timing = f"{seconds.median():.0f} s ({seconds.min():.0f} to {seconds.max():.0f})"
+    if met.empty:
+        return f"| {dataset} | none feasible (0/{len(rows)}) | | | | | infeasible | | {timing} |"
+    chosen = ", ".join(f"{name} {count}" for name, count in met["method"].value_counts().items())
+    if len(met) < len(rows):
+        chosen += f" (feasible on {len(met)}/{len(rows)})"
+    point = int((met[f"test_{gap}"] <= bound).sum())
+    within = int((met[f"test_{gap}_low"] <= bound).sum())
+    best = _best_single(dataset, singles)
+    return (f"| {dataset} | {chosen} | {_interval(met['test_ap'])} | {_interval(met[f'test_{gap}'])} | "
+            f"{point}/{len(met)}; {within}/{len(met)} | {best} | {verdict} | "
+            f"{_interval(met['test_accuracy'])} ({met['majority_accuracy'].mean():.3f}) | {timing} |")
+
+
+def _best_single(dataset: str, singles: pd.DataFrame | None) -> str:
+    if singles is None:
+        return ""
+    rows = singles[(singles["dataset"] == dataset)]
+    feasible = rows.groupby("method")["feasible"].all()
+    means = rows[rows["method"].isin(feasible[feasible].index)].groupby("method")["test_ap"].mean()
+    if means.empty:
+        return "none met it on every seed"
+    best = means.idxmax()
+    return f"{best} {_interval(rows[rows['method'] == best]['test_ap'])}"
+
+
+def _interval(values: pd.Series) -> str:
+    interval = mean_interval(values.astype(float).to_numpy())
+    return f"{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]" if len(values) > 1 else \
+        f"{interval.estimate:.3f}"
+
+
+def write_constraint_results(runs: Sequence[ConstraintRun], records: Sequence[dict[str, Any]], results_dir: Path,
+                             command: str) -> list[Path]:
+    """``fair-by-constraint/runs.csv`` and ``fair-by-constraint.md``; the single methods are read from the
+    same ``results_dir``'s tabular bench."""
+    from groupmixnorm.experiments.report import write_csv_atomic
+
+    table = results_table(runs, records)
+    singles = single_method_choices(results_dir, sorted({run.dataset for run in runs}))
+    return [write_csv_atomic(table, Path(results_dir) / NAME / "runs.csv"),
+            write_text_atomic(Path(results_dir) / f"{NAME}.md", constraint_markdown(runs, table, singles, command))]

@@ -203,3 +203,22 @@ def test_threads_default_to_one_for_tabular_data_and_follow_the_flag(tmp_path, c
         assert "--threads must be at least 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(1)
+
+
+def test_every_loop_setting_is_a_train_flag_with_the_loops_default():
+    """``RunSpec.command`` writes one flag per ``TrainConfig`` field, so each must exist on ``train`` with the
+    loop's own default (``--epochs`` defaults to a step budget instead; ``--device`` follows the machine)."""
+    import argparse
+    import dataclasses
+
+    from groupmixnorm.cli import build_parser
+    from groupmixnorm.training import TrainConfig
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = commands.choices["train"]
+    parser._pending_options(parser)  # the options a parse of `train` would add
+    train = {action.dest: action for action in parser._actions}
+    for item in dataclasses.fields(TrainConfig):
+        assert item.name in train, f"--{item.name.replace('_', '-')} is missing from train"
+        if item.name not in ("epochs", "device", "hidden"):
+            assert train[item.name].default == item.default, item.name

@@ -12,7 +12,7 @@ import torch
 
 from groupmixnorm import cli
 from groupmixnorm.data import Split
-from groupmixnorm.experiments.debias import FromPretrained, stratified_fraction
+from groupmixnorm.experiments.debias import start_from_pretrained, stratified_fraction
 from groupmixnorm.experiments.spec import load_run_data
 from groupmixnorm.methods import make_method
 from groupmixnorm.methods.base import ModelSpec
@@ -43,8 +43,9 @@ def test_stratified_fraction_keeps_every_cell_share_and_is_seeded():
 def test_the_inserted_layer_starts_as_the_identity(erm_checkpoint):
     checkpoint = load_checkpoint(erm_checkpoint / "model.pt")
     data = load_run_data(checkpoint.spec)
-    method = FromPretrained(make_method("gmn"), checkpoint.model.state_dict(), torch.as_tensor(data.train.X))
-    model = method.build_model(ModelSpec(data.num_features, data.num_groups, (32,))).eval()
+    model = make_method("gmn").build_model(ModelSpec(data.num_features, data.num_groups, (32,)))
+    start_from_pretrained(checkpoint.model.state_dict(), torch.as_tensor(data.train.X))(model)
+    model.eval()
     x = torch.as_tensor(data.test.X[:300])
     with torch.no_grad():
         torch.testing.assert_close(model(x), checkpoint.model(x), atol=1e-5, rtol=1e-5)

@@ -102,12 +102,23 @@ def test_several_sensitive_columns_make_intersectional_groups(rows):
     ({"max_gap": ANY_GAP, "val_fraction": 1.0}, {}, r"val_fraction must be in \(0, 1\), got 1.0"),
     ({"max_gap": ANY_GAP, "budget": 0}, {}, "budget must be a whole number of trials, at least 1, got 0"),
     ({"max_gap": ANY_GAP}, {"sensitive_features": None}, "FairSearchCV.fit needs sensitive_features"),
+    ({"max_gap": ANY_GAP, "n_jobs": 0}, {}, "n_jobs must be None, -1 or a whole number of at least 1, got 0"),
 ])
 def test_bad_parameters_are_one_line_errors_before_anything_trains(rows, params, fit_options, message):
     X, y, a = rows
     with pytest.raises(ValueError, match=message) as raised:
         FairSearchCV(**{**params, **LOOP}).fit(X, y, **{"sensitive_features": a, **fit_options})
     assert len(str(raised.value).splitlines()) == 1
+
+
+def test_worker_processes_find_the_same_model(rows):
+    X, y, a = rows
+    searches = [FairSearchCV({"dp_gap_hard": 0.25}, methods=["erm", "gapreg"], budget=2, n_jobs=jobs, **LOOP)
+                .fit(X, y, sensitive_features=a) for jobs in (None, 2)]
+    here, workers = (search.cv_results_ for search in searches)
+    for column in set(here) - {"seconds"}:
+        np.testing.assert_array_equal(workers[column], here[column], err_msg=column)
+    np.testing.assert_array_equal(searches[1].predict_proba(X), searches[0].predict_proba(X))
 
 
 def test_a_pipeline_passes_sensitive_features_with_and_without_metadata_routing(rows):

@@ -209,6 +209,44 @@ def test_group_eval_mode_removes_group_offsets_and_needs_groups() -> None:
         layer(x)
 
 
+def test_posterior_weights_are_bayes_rule_under_the_groups_gaussians() -> None:
+    """Against a direct computation: the product over channels and positions of normal densities, equal priors."""
+    gen = torch.Generator().manual_seed(3)
+    group_mean, group_var = torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.rand(3, 2, generator=gen,
+                                                                                             dtype=torch.float64) + 0.5
+    for x in (torch.randn(5, 2, generator=gen, dtype=torch.float64),
+              torch.randn(5, 2, 3, 2, generator=gen, dtype=torch.float64)):
+        values = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)
+        normal = torch.distributions.Normal(group_mean.T.unsqueeze(0).unsqueeze(-1),
+                                            (group_var + 1e-5).sqrt().T.unsqueeze(0).unsqueeze(-1))
+        log_likelihood = normal.log_prob(values.unsqueeze(2)).sum(dim=(1, 3))  # (N, G)
+        expected = torch.softmax(log_likelihood, dim=1)
+        got = F.posterior_group_weights(x, group_mean, group_var, eps=1e-5)
+        torch.testing.assert_close(got, expected)
+        known = torch.tensor([True, False, True])
+        hidden = F.posterior_group_weights(x, group_mean, group_var, eps=1e-5, known=known)
+        assert (hidden[:, 1] == 0).all()
+        torch.testing.assert_close(hidden, expected * known / (expected * known).sum(dim=1, keepdim=True))
+
+
+def test_posterior_eval_mode_guesses_the_groups_and_removes_most_of_their_offsets_without_the_attribute() -> None:
+    x, a = biased_batch(n=900)  # group g is N(3g, (1+g)^2) on each of 6 channels: mostly plain from x
+    layers = {mode: GroupMixNorm1d(6, num_groups=3, eval_mode=mode, momentum=None) for mode in ("posterior", "population")}
+    for layer in layers.values():
+        for _ in range(5):
+            layer(x, a)
+        layer.eval()
+    trained = layers["posterior"]
+    weights = F.posterior_group_weights(x, trained.running_group_mean, trained.running_group_var, eps=trained.eps)
+    assert (weights.argmax(dim=1) == a).float().mean() > 0.9
+    with torch.no_grad():
+        spread = {mode: per_group_moments(layer(x), a, 3)[0] for mode, layer in layers.items()}
+    offsets = {mode: (means.max(0).values - means.min(0).values).max() for mode, means in spread.items()}
+    assert offsets["posterior"] < 0.25 * offsets["population"]
+    untrained = GroupMixNorm1d(6, num_groups=3, eval_mode="posterior").eval()
+    torch.testing.assert_close(untrained(x), GroupMixNorm1d(6, num_groups=3).eval()(x))  # no group seen yet
+
+
 def test_probability_p_zero_is_batch_norm() -> None:
     x, a = biased_batch()
     torch.testing.assert_close(GroupMixNorm1d(6, num_groups=3, p=0.0)(x, a), nn.BatchNorm1d(6)(x), atol=1e-5, rtol=1e-5)
@@ -314,12 +352,14 @@ def test_a_trained_model_exports_and_runs_without_the_attribute() -> None:
     torch.testing.assert_close(exported.module()(other), model(other))
 
 
-def test_a_trained_model_exports_to_onnx_without_the_attribute(tmp_path) -> None:
+@pytest.mark.parametrize("eval_mode", ["population", "posterior"])
+def test_a_trained_model_exports_to_onnx_without_the_attribute(tmp_path, eval_mode) -> None:
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(15)
     x, a = biased_batch()
-    model = nn.Sequential(nn.Linear(6, 8), GroupMixNorm1d(8, num_groups=3), nn.ReLU(), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(6, 8), GroupMixNorm1d(8, num_groups=3, eval_mode=eval_mode), nn.ReLU(),
+                          nn.Linear(8, 1))
     with use_groups(a):
         model(x)
     model.eval()

@@ -1,4 +1,5 @@
-"""Writing result files atomically: a reader sees the old file or the whole new one, never half of it."""
+"""Result files: written atomically (a reader sees the old file or the whole new one, never half of it),
+and :class:`JsonStore`, the one store of finished work that every bench resumes from."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,53 @@ def _new_file_beside(target: Path) -> Path:
         except FileExistsError:
             continue
         return candidate
+
+
+class JsonStore:
+    """One JSON file per finished unit of work under ``root``, named by its key (``root/<key>.json``; a key
+    may hold ``/`` for subfolders).
+
+    A stored record is reused only while it is readable and ``valid`` accepts it (a record made for other
+    settings, or before a metric existed, is made again); everything is written atomically, so a killed run
+    leaves whole records and resumes from them.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def file(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def read(self, key: str, valid: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+        """The record stored under ``key``, or ``None`` if there is none, it is unreadable, or ``valid``
+        rejects it."""
+        path = self.file(key)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # never written half-way by us (writes are atomic), but a hand edit may break it
+        if not isinstance(record, dict) or (valid is not None and not valid(record)):
+            return None
+        return record
+
+    def write(self, key: str, record: dict[str, Any]) -> Path:
+        return write_json_atomic(self.file(key), record)
+
+    def reuse_or_make(self, key: str, make: Callable[[], dict[str, Any]],
+                      valid: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """The valid record under ``key``, else ``make()``'s, stored before it is returned."""
+        record = self.read(key, valid)
+        if record is None:
+            record = make()
+            self.write(key, record)
+        return record
+
+
+def same_as_json(stored: Any, value: Any) -> bool:
+    """Whether ``stored`` (read back from JSON) is ``value`` written as JSON (tuples come back as lists)."""
+    return stored == json.loads(json.dumps(value, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:

@@ -381,6 +381,10 @@ class FairSearchCV(_NetworkClassifier):
         not touch the global random state of Python, numpy or torch.
     threads : int or None, default=1
         Torch threads for ``fit`` and prediction, restored afterwards (``None`` keeps torch's setting).
+    n_jobs : int or None, default=None
+        Worker processes that train the trials, one method's trials each at a time (``None`` or 1: this
+        process; -1: as many as the machine's cores, less one for this process when there are more than two).
+        The result is the same for any value; each worker uses ``threads`` torch threads (1 when ``None``).
 
     Attributes
     ----------
@@ -450,6 +454,7 @@ class FairSearchCV(_NetworkClassifier):
         standardize: bool = True,
         random_state: int | np.random.RandomState | None = 0,
         threads: int | None = TABULAR_THREADS,
+        n_jobs: int | None = None,
     ) -> None:
         self.max_gap = max_gap
         self.methods = methods
@@ -465,6 +470,7 @@ class FairSearchCV(_NetworkClassifier):
         self.standardize = standardize
         self.random_state = random_state
         self.threads = threads
+        self.n_jobs = n_jobs
 
     def fit(self, X: Any, y: Any, *, sensitive_features: Any = None) -> FairSearchCV:
         """Run the search and keep the best feasible model.
@@ -503,8 +509,9 @@ class FairSearchCV(_NetworkClassifier):
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, iterations=self.iterations, lr=self.lr,
                              weight_decay=self.weight_decay, hidden=tuple(int(width) for width in self.hidden),
                              seed=seed, select="ap")
-        with torch_threads(self.threads), _global_random_state_kept():
-            result = constraint.search(data, methods, bounds, config=config, budget=self.budget, select=self.select)
+        with torch_threads(self.threads), _global_random_state_kept(), self._executor() as executor:
+            result = constraint.search(data, methods, bounds, config=config, budget=self.budget, select=self.select,
+                                       executor=executor)
         table = constraint.front_table(result.trials, bounds, result.chosen)
         table["value"] = table["value"].astype(float)  # NaN, not None, for a method without a knob
         cv_results = {str(column): table[column].to_numpy() for column in table.columns}
@@ -532,6 +539,17 @@ class FairSearchCV(_NetworkClassifier):
         """
         positive = self.predict_proba(X)[:, 1] >= self.threshold_
         return self.classes_[positive.astype(int)]
+
+    def _executor(self) -> Any:
+        from groupmixnorm.experiments.executors import LocalWorkers, Sequential, default_workers
+
+        if self.n_jobs is None or self.n_jobs == 1:
+            return Sequential()
+        if self.n_jobs == -1:
+            return LocalWorkers(default_workers(), threads=self.threads or 1)
+        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs < 1:
+            raise ValueError(f"n_jobs must be None, -1 or a whole number of at least 1, got {self.n_jobs!r}")
+        return LocalWorkers(self.n_jobs, threads=self.threads or 1)
 
     def __sklearn_is_fitted__(self) -> bool:
         # A fit that found no feasible model has set n_features_in_ but no model.

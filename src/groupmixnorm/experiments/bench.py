@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 import shlex
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +20,7 @@ from groupmixnorm.experiments.executors import Executor, ExecutorError, Sequenti
 from groupmixnorm.experiments.spec import RunSpec, execute, setting_label
 from groupmixnorm.metrics import METRIC_NAMES
 from groupmixnorm.training import TrainConfig
-from groupmixnorm.files import write_json_atomic
+from groupmixnorm.files import JsonStore, same_as_json
 
 @dataclass(frozen=True)
 class Setting:
@@ -110,7 +109,7 @@ def _gmn(*, sampling: str | None = None, **options: Any) -> Setting:
 
 
 #: GroupMixNorm settings of the Adult bench. The first block is the paper's layer in its variants (no
-#: penalty); then alignment at the hidden layers; then the layer on the logit with the alignment weight
+#: penalty), evaluated with population, group (needs the attribute) and posterior statistics; then alignment at the hidden layers; then the layer on the logit with the alignment weight
 #: swept, its quantile variant (the default: align=1, 16 quantiles), the no-mixing ablation, and the
 #: equalized-odds variants, on per-label batches as the protocol has it and on group-balanced ones.
 ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
@@ -121,6 +120,7 @@ ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     _gmn(eval_mode="group"),
     _gmn(placement="head", eval_mode="group"),
     _gmn(placement="logit", eval_mode="group"),
+    *(_gmn(placement=placement, eval_mode="posterior") for placement in ("all", "head", "logit")),
     _gmn(align=100.0),
     *(_gmn(placement="logit", align=weight) for weight in (1.0, 3.0, 10.0, 30.0)),
     *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0, 10.0)),
@@ -318,34 +318,25 @@ def check_partial_results_dir(results_dir: Path, name: str, command: str) -> Non
                          f"{advice}")
 
 
-class RecordStore:
-    """One JSON file per finished run under ``root``, named by the run's key."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+class RecordStore(JsonStore):
+    """The store of training runs: one record per :class:`RunSpec`, named by its key."""
 
     def path(self, spec: RunSpec) -> Path:
-        return self.root / f"{spec.key()}.json"
+        return self.file(spec.key())
 
     def load(self, spec: RunSpec) -> dict[str, Any] | None:
-        """The finished record of ``spec``, or ``None`` if it has not run, its file is unreadable, or it was
-        made before one of today's metrics existed (:data:`~groupmixnorm.metrics.METRIC_NAMES`, on test and
-        validation): such a run is trained again, so that every table is computed from one set of metrics."""
-        path = self.path(spec)
-        if not path.exists():
-            return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # never written by us half-way (writes are atomic), but a hand edit may break it
-        # Compare in JSON form: tuples in the spec come back from the file as lists.
-        if record.get("spec") != json.loads(json.dumps(spec.to_dict())):
-            return None
-        measured = set(record) & set(record.get("val", {}))
-        return record if set(METRIC_NAMES) <= measured else None
+        """The finished record of ``spec``, or ``None`` if it has not run, its file is unreadable, it was made
+        for another spec, or it was made before one of today's metrics existed
+        (:data:`~groupmixnorm.metrics.METRIC_NAMES`, on test and validation): such a run is trained again, so
+        that every table is computed from one set of metrics."""
+        def current(record: dict[str, Any]) -> bool:
+            measured = set(record) & set(record.get("val", {}))
+            return same_as_json(record.get("spec"), spec.to_dict()) and set(METRIC_NAMES) <= measured
+
+        return self.read(spec.key(), current)
 
     def save(self, spec: RunSpec, record: dict[str, Any]) -> Path:
-        return write_json_atomic(self.path(spec), record)
+        return self.write(spec.key(), record)
 
 
 def train_with_checkpoint(store: RecordStore, spec: RunSpec, *, save: bool) -> tuple[dict[str, Any], Path]:
@@ -446,17 +437,16 @@ def side_by_side_epoch_times(plan: BenchPlan, path: Path) -> Any:
            "config": dataclasses.asdict(plan.config), "protocol": plan.protocol}
     if plan.dataset_name != "adult":  # only then, so that the stored Adult table keeps its key
         key.update(dataset=plan.dataset_name, sensitive=plan.sensitive, dataset_options=plan.dataset_options)
-    key = json.loads(json.dumps(key))
-    if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("key") == key:
-            return pd.DataFrame(stored["table"])
-    contenders = [(f"{s.method} {setting_label(s.options)}", s.method, s.options, s.sampling) for s in plan.timed]
-    data = load_dataset(plan.dataset_name, sensitive=plan.sensitive, protocol=plan.protocol, seed=0,
-                        **plan.dataset_options)
-    table = time_epochs(contenders, data, plan.config, rounds=plan.timing_rounds)
-    write_json_atomic(path, {"key": key, "table": table.to_dict(orient="list")})
-    return table
+
+    def measure() -> dict[str, Any]:
+        contenders = [(f"{s.method} {setting_label(s.options)}", s.method, s.options, s.sampling) for s in plan.timed]
+        data = load_dataset(plan.dataset_name, sensitive=plan.sensitive, protocol=plan.protocol, seed=0,
+                            **plan.dataset_options)
+        table = time_epochs(contenders, data, plan.config, rounds=plan.timing_rounds)
+        return {"key": key, "table": table.to_dict(orient="list")}
+
+    stored = JsonStore(path.parent).reuse_or_make(path.stem, measure, valid=lambda s: same_as_json(s.get("key"), key))
+    return pd.DataFrame(stored["table"])
 
 
 def write_results(plan: BenchPlan, records: Sequence[dict[str, Any]], results_dir: Path, command: str) -> list[Path]:

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from groupmixnorm.data import Split
 from groupmixnorm.experiments.spec import run_record, setting_label
 from groupmixnorm.methods import make_method
-from groupmixnorm.methods.base import Batch, Method, ModelSpec, Sampling
 from groupmixnorm.nn import GroupMixNorm1d
 from groupmixnorm.training import TrainConfig, train
 from groupmixnorm.training.checkpoint import Checkpoint
+from groupmixnorm.training.prepare import Start
 
 #: Methods that can fine-tune a pre-trained MLP (their networks share its layers, gmn adds its own).
 DEBIAS_METHODS = ("gmn", "gapreg")
@@ -39,27 +39,16 @@ def stratified_fraction(split: Split, fraction: float, seed: int) -> Split:
     return Split(split.X[kept], split.y[kept], split.a[kept])
 
 
-class FromPretrained(Method):
-    """Another method, trained from a pre-trained network's weights instead of a fresh initialisation.
+def start_from_pretrained(pretrained_state: dict[str, Tensor], calibration_x: Tensor | None = None) -> Start:
+    """A ``start`` for :func:`~groupmixnorm.training.train`: load a pre-trained network's weights into the
+    layers a freshly built model shares with it.
 
-    The inner method builds its model as usual; the pre-trained weights are loaded into the layers the two
-    networks share. Layers only the inner model has (a GroupMixNorm layer on the logit) keep their fresh
-    initialisation; a pre-trained layer with no place in the inner model is an error.
+    Layers only the new model has (a GroupMixNorm layer on the logit) keep their fresh initialisation, made to
+    start as the identity on ``calibration_x`` when given (see :func:`_start_as_identity`); a pre-trained
+    layer with no place in the new model is an error.
     """
-
-    def __init__(self, inner: Method, pretrained_state: dict[str, Tensor], calibration_x: Tensor | None = None) -> None:
-        self.inner = inner
-        self.pretrained_state = pretrained_state
-        self.calibration_x = calibration_x
-        self.name = inner.name
-        self.supports_distributed = inner.supports_distributed
-
-    def batch_sampling(self) -> Sampling:
-        return self.inner.batch_sampling()
-
-    def build_model(self, spec: ModelSpec) -> nn.Module:
-        model = self.inner.build_model(spec)
-        state = dict(self.pretrained_state)
+    def start(model: nn.Module) -> None:
+        state = dict(pretrained_state)
         # A layer just before a normalization layer has no bias (the normalization removes any shift): the
         # pre-trained bias moves into the normalization layer's affine shift below.
         own = model.state_dict()
@@ -67,29 +56,12 @@ class FromPretrained(Method):
                     if key.endswith(".bias") and key not in own and key.removesuffix("bias") + "weight" in own}
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"the pre-trained network does not fit the {self.name} model: unexpected "
+            raise ValueError(f"the pre-trained network does not fit the new model: unexpected "
                              f"{', '.join(result.unexpected_keys)}")
-        if self.calibration_x is not None and isinstance(model, nn.Sequential) and isinstance(model[-1], GroupMixNorm1d):
-            _start_as_identity(model, self.calibration_x, shift=absorbed.get(f"{len(model) - 2}.bias"))
-        return model
+        if calibration_x is not None and isinstance(model, nn.Sequential) and isinstance(model[-1], GroupMixNorm1d):
+            _start_as_identity(model, calibration_x, shift=absorbed.get(f"{len(model) - 2}.bias"))
 
-    def setup(self, model: nn.Module, seed: int, spec: ModelSpec) -> None:
-        self.inner.setup(model, seed, spec)
-
-    def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        return self.inner.training_loss(model, batch)
-
-    def after_step(self, model: nn.Module, batch: Batch) -> None:
-        self.inner.after_step(model, batch)
-
-    def predict_logits(self, model: nn.Module, x: Tensor, a: Tensor | None = None) -> Tensor:
-        return self.inner.predict_logits(model, x, a)
-
-    def options(self) -> dict[str, Any]:
-        return self.inner.options()
-
-    def uses_sensitive_at_prediction(self) -> bool:
-        return self.inner.uses_sensitive_at_prediction()
+    return start
 
 
 @torch.no_grad()
@@ -142,8 +114,8 @@ def debias(
     data = dataclasses.replace(data, train=stratified_fraction(data.train, fraction, config.seed))
     config = dataclasses.replace(config, hidden=tuple(checkpoint.spec["config"]["hidden"]))
     calibration = torch.as_tensor(data.train.X, dtype=torch.float32)
-    fair = FromPretrained(make_method(method, **options), checkpoint.model.state_dict(), calibration)
-    result = train(fair, data, config)
+    fair = make_method(method, **options)
+    result = train(fair, data, config, start=start_from_pretrained(checkpoint.model.state_dict(), calibration))
     spec = {"debias": {"from": checkpoint.spec, "fraction": fraction}, "method": method, "method_options": options,
             "config": dataclasses.asdict(config)}
     label = f"fraction={fraction:g}," + setting_label(options)

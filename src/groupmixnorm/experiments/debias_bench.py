@@ -8,7 +8,6 @@ Records are JSON files written atomically; a finished one is never recomputed.
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from groupmixnorm.experiments.debias import DEBIAS_METHODS, debias
 from groupmixnorm.experiments.report import over_seeds
 from groupmixnorm.experiments.spec import RunSpec
 from groupmixnorm.training import TrainConfig
-from groupmixnorm.files import write_json_atomic, write_text_atomic
+from groupmixnorm.files import JsonStore, write_text_atomic
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 1.0)
 FINE_TUNE_EPOCHS = 5
@@ -47,7 +46,7 @@ def run_debias_bench(
         checkpoint = load_checkpoint(pretrained)
         for fraction in fractions:
             for method in DEBIAS_METHODS:
-                record = _debias_once(root, checkpoint, pretrained, method, fraction, seed)
+                record = _debias_once(store, checkpoint, pretrained, method, fraction, seed)
                 records.append({**record, "role": f"debias {method}", "fraction": fraction})
                 if on_run:
                     on_run(f"debias {method} {fraction:g} seed {seed}")
@@ -55,18 +54,15 @@ def run_debias_bench(
 
 
 def _debias_once(
-    root: Path, checkpoint: Any, checkpoint_path: Path, method: str, fraction: float, seed: int
+    store: JsonStore, checkpoint: Any, checkpoint_path: Path, method: str, fraction: float, seed: int
 ) -> dict[str, Any]:
-    path = Path(root) / f"debias-{method}-f{fraction:g}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
     command = shlex.join(["groupmixnorm", "debias", "--checkpoint", str(checkpoint_path), "--method", method,
                           "--fraction", f"{fraction:g}", "--epochs", str(FINE_TUNE_EPOCHS), "--seed", str(seed),
                           "--out", "OUT"])
-    record = debias(checkpoint, method=method, fraction=fraction, command=command,
-                    config=TrainConfig(epochs=FINE_TUNE_EPOCHS, seed=seed, select="last"))
-    write_json_atomic(path, record)
-    return record
+    return store.reuse_or_make(
+        f"debias-{method}-f{fraction:g}-s{seed}",
+        lambda: debias(checkpoint, method=method, fraction=fraction, command=command,
+                       config=TrainConfig(epochs=FINE_TUNE_EPOCHS, seed=seed, select="last")))
 
 
 def debias_table(records: list[dict[str, Any]]) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from groupmixnorm.experiments.bench import RecordStore, adult_plan, train_with_c
 from groupmixnorm.experiments.invariance import AnalysisOptions, analyze_checkpoint, strongest_probe
 from groupmixnorm.experiments.report import over_seeds
 from groupmixnorm.experiments.spec import RunSpec
-from groupmixnorm.files import write_json_atomic, write_text_atomic
+from groupmixnorm.files import write_text_atomic
 
 #: (method, options) of the analyzed settings, each as named in the Adult bench, with why it was chosen.
 SETTINGS: tuple[tuple[str, dict[str, Any], str], ...] = (
@@ -29,6 +29,8 @@ SETTINGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("fairmixup", {"fairness": "dp", "lam": 1.0}, "best AP with dp_gap <= 0.05"),
     ("gmn", {"placement": "logit", "align": 1.0, "align_quantiles": 16}, "the default; best AP with dp_gap <= 0.05"),
     ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0}, "the paper's layer after every hidden layer"),
+    ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0, "eval_mode": "posterior"},
+     "the paper's layer, evaluated with posterior group statistics"),
 )
 SUMMARY_LAYERS = ("probe_balanced_accuracy", "probe_auc", "mmd", "mmd_p_value")
 
@@ -71,30 +73,29 @@ def run_invariance(root: Path, *, seeds: int = 5, quick: bool = False, on_run: C
     options = AnalysisOptions(permutations=50, max_rows=1000, mmd_rows_per_group=200) if quick else AnalysisOptions()
     records = []
     for index, (spec, why) in enumerate(invariance_specs(seeds=seeds, quick=quick)):
-        path = root / f"analysis-{spec.key()}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text(encoding="utf-8")))
-        else:
+        setting_index = index % len(SETTINGS)
+
+        def train_and_analyze() -> dict[str, Any]:
             record, checkpoint = train_with_checkpoint(store, spec, save=True)
-            setting_index = index % len(SETTINGS)
             plots = plots_dir / f"{spec.method}-{setting_index}" if plots_dir is not None and spec.config.seed == 0 else None
-            analysis = analyze_checkpoint(checkpoint, plots, options=options)
-            records.append(write_record(path, spec, record, analysis, why, setting_index))
+            return analysis_record(spec, record, analyze_checkpoint(checkpoint, plots, options=options), why,
+                                   setting_index)
+
+        records.append(store.reuse_or_make(f"analysis-{spec.key()}", train_and_analyze))
         if on_run:
             on_run(f"{spec.method} seed {spec.config.seed}")
     return records
 
 
-def write_record(path: Path, spec: RunSpec, record: dict[str, Any], analysis: dict[str, Any], why: str,
-                 setting_index: int) -> dict[str, Any]:
-    result = {
+def analysis_record(spec: RunSpec, record: dict[str, Any], analysis: dict[str, Any], why: str,
+                    setting_index: int) -> dict[str, Any]:
+    """What the report keeps of one model: its outcome, why it is in the bench, and each layer's probes."""
+    return {
         "method": spec.method, "setting": record["setting"], "setting_index": setting_index, "why": why,
         "seed": spec.config.seed, "ap": record["ap"], "dp_gap": record["dp_gap"], "eodds_gap": record["eodds_gap"],
         "layers": analysis["layers"], "chance_balanced_accuracy": analysis["chance_balanced_accuracy"],
         "analysis_options": analysis["options"], "train_command": record["command"],
     }
-    write_json_atomic(path, result)
-    return result
 
 
 def invariance_table(records: list[dict[str, Any]]) -> pd.DataFrame:

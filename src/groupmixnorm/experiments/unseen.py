@@ -14,7 +14,6 @@ Three scenarios, each run for several methods and seeds:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from groupmixnorm.data.tabular import encode_groups
 from groupmixnorm.methods import make_method
 from groupmixnorm.metrics import fairness_report
 from groupmixnorm.training import TrainConfig, train
-from groupmixnorm.files import write_json_atomic, write_text_atomic
+from groupmixnorm.files import JsonStore, write_text_atomic
 
 SCENARIOS = ("other-attributes", "held-out-races", "intersectional")
 METHODS: dict[str, dict[str, Any]] = {
@@ -44,18 +43,15 @@ def run_unseen(
     root: Path, *, seeds: int = 5, epochs: int = 10, on_run: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
     """Every scenario x method x seed; one JSON record each under ``root``, reused when present."""
+    store = JsonStore(root)
     records = []
     for scenario in SCENARIOS:
         for seed in range(seeds):
             for method, options in METHODS.items():
-                path = Path(root) / f"{scenario}-{method}-s{seed}-e{epochs}.json"
-                if path.exists():
-                    record = json.loads(path.read_text(encoding="utf-8"))
-                else:
-                    record = _run(scenario, method, options, TrainConfig(epochs=epochs, seed=seed))
-                    record["epochs"] = epochs
-                    write_json_atomic(path, record)
-                records.append(record)
+                config = TrainConfig(epochs=epochs, seed=seed)
+                records.append(store.reuse_or_make(
+                    f"{scenario}-{method}-s{seed}-e{epochs}",
+                    lambda: {**_run(scenario, method, options, config), "epochs": epochs}))
                 if on_run:
                     on_run(f"{scenario} {method} seed {seed}")
     return records

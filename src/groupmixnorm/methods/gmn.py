@@ -36,7 +36,7 @@ class GroupMixNormMethod(Method):
         "block, head (the output layer's input), or a comma-separated list of block indices (from 0), head and "
         "logit, like 0,logit"
     )
-    eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group"))
+    eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group", "posterior"))
     output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))
     momentum: float = option(0.1, "momentum of the running statistics")
     align: float = option(1.0, "weight of the alignment penalty (the fairness knob): group statistics at each layer's input")

@@ -62,7 +62,7 @@ __all__ = [
     "MIN_VALUES_PER_GROUP", "GroupMoments", "OutputScale", "alignment_penalty", "apply_affine", "batch_norm_train",
     "conditional_alignment_penalty", "eligible_groups", "fused_group_mix_norm", "gamma_draws", "gather_rows",
     "group_affine", "group_counts", "group_mix_norm", "group_moments", "mix_normalize", "normalize_with",
-    "pairwise_mixing_weights", "plain_group_moments", "quantile_alignment_penalty", "shared_mixing_weights",
+    "pairwise_mixing_weights", "plain_group_moments", "posterior_group_weights", "quantile_alignment_penalty", "shared_mixing_weights",
     "statistics_table", "uniform_mixing_weights", "weights_from_gamma",
 ]
 
@@ -270,6 +270,29 @@ def normalize_with(
     factor, offset = output_map(weight, bias, reference)
     scale, shift, _ = normalization_map(mean, std, mixed_mean, mixed_std, factor, offset)
     return apply_affine(x, scale, shift)
+
+
+def posterior_group_weights(x: Tensor, group_mean: Tensor, group_var: Tensor, *, eps: float,
+                            known: Tensor | None = None) -> Tensor:
+    """Each sample's posterior probability of every group, ``(N, G)``, from the groups' statistics alone.
+
+    Every group is modelled as independent Gaussians per channel, ``N(group_mean[g], group_var[g] + eps)``
+    (``(G, C)`` each, the layer's running group statistics), with equal prior weight on the ``known`` groups
+    (``(G,)`` booleans; default all); a sample's likelihood is the product over its channels and positions.
+    Mixing the groups' statistics with these weights is what ``eval_mode="posterior"`` normalizes with: the
+    group statistics of training, guessed from ``x`` instead of read from a protected attribute.
+    """
+    values = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)
+    positions = values.shape[2]
+    sample_mean = values.mean(dim=2)
+    # sum over positions of (x - mu)^2 = positions * (within-sample variance + (sample mean - mu)^2)
+    within = values.var(dim=2, unbiased=False).unsqueeze(1) if positions > 1 else 0.0
+    var = group_var + eps
+    squares = (sample_mean.unsqueeze(1) - group_mean.unsqueeze(0)).square() + within  # (N, G, C)
+    log_likelihood = -0.5 * positions * (squares / var + var.log()).sum(dim=2)
+    if known is not None:
+        log_likelihood = log_likelihood.masked_fill(~known, float("-inf"))
+    return torch.softmax(log_likelihood, dim=1)
 
 
 def batch_norm_train(x: Tensor, moments: GroupMoments, *, eps: float, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -20,9 +20,9 @@ from groupmixnorm.nn._core import GroupMoments, batch_reference, values_per_samp
 from groupmixnorm.nn.routing import active_penalty_collector, current_groups, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
-EvalMode = Literal["population", "group"]
+EvalMode = Literal["population", "group", "posterior"]
 _MIX_MODES = ("shared", "pairwise")
-_EVAL_MODES = ("population", "group")
+_EVAL_MODES = ("population", "group", "posterior")
 _OUTPUT_SCALES = ("batch", "mixed")
 
 
@@ -157,6 +157,8 @@ class _GroupMixNorm(nn.Module):
                     "pass them, or set eval_mode='population' to predict without the protected attribute"
                 )
             return self._forward_eval_group(x, self._check_groups(groups, x))
+        if self.eval_mode == "posterior" and self.track_running_stats:
+            return self._forward_eval_posterior(x)
         return self._forward_eval_population(x, groups)
 
     def _train_step(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
@@ -292,6 +294,19 @@ class _GroupMixNorm(nn.Module):
         mean = torch.where(seen, F.gather_rows(group_mean, groups), mean)
         var = torch.where(seen, F.gather_rows(group_var, groups), var)
         return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
+
+    def _forward_eval_posterior(self, x: Tensor) -> Tensor:
+        """Each sample normalized with the groups' running statistics mixed by its posterior group
+        probabilities (:func:`~groupmixnorm.nn.functional.posterior_group_weights`); the population's
+        while no group has statistics yet (chosen by tensor ops, not a branch, so the model exports)."""
+        known = self.group_batches_tracked > 0
+        any_known = known.any()
+        group_mean, group_var, mean, var = _in_dtype(
+            x.dtype, self.running_group_mean, self.running_group_var, self.running_mean, self.running_var)
+        weights = F.posterior_group_weights(x, group_mean, group_var, eps=self.eps, known=known | ~any_known)
+        mean = torch.where(any_known, weights @ group_mean, mean)
+        std = torch.where(any_known, weights @ torch.sqrt(group_var + self.eps), torch.sqrt(var + self.eps))
+        return self._normalize_eval(x, mean, std)
 
     def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         running_mean, running_var, mix_mean, mix_std, weight, bias = _in_dtype(
@@ -502,7 +517,10 @@ class GroupMixNorm1d(_GroupMixNorm):
         output_scale: ``"batch"`` or ``"mixed"``, see above.
         eval_mode: ``"population"`` (default) normalizes every sample with the running population
             statistics and needs no protected attribute; ``"group"`` normalizes each sample with its group's
-            running statistics and needs ``groups`` at prediction time.
+            running statistics and needs ``groups`` at prediction time; ``"posterior"`` needs no attribute
+            either: it mixes the groups' running statistics by each sample's posterior group probability
+            under them (:func:`~groupmixnorm.nn.functional.posterior_group_weights`), so that evaluation
+            removes what training's group statistics removed as far as ``x`` reveals the group.
         align_covariance: whether the alignment penalty reported inside
             :func:`~groupmixnorm.nn.collect_alignment` also compares channel covariances, not only
             per-channel means and deviations.
@@ -575,5 +593,5 @@ def _check_options(
         raise ValueError(f"output_scale must be one of {_OUTPUT_SCALES}, got {output_scale!r}")
     if eval_mode not in _EVAL_MODES:
         raise ValueError(f"eval_mode must be one of {_EVAL_MODES}, got {eval_mode!r}")
-    if eval_mode == "group" and num_groups is None and track_running_stats:
-        raise ValueError("eval_mode='group' needs num_groups, to keep running statistics per group")
+    if eval_mode in ("group", "posterior") and num_groups is None and track_running_stats:
+        raise ValueError(f"eval_mode={eval_mode!r} needs num_groups, to keep running statistics per group")

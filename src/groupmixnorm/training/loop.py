@@ -21,7 +21,7 @@ from groupmixnorm.methods.base import Batch, Method, ModelSpec, Scorer
 from groupmixnorm.metrics import fairness_report, group_rates
 from groupmixnorm.nn.modules import NonFiniteStatistics
 from groupmixnorm.training.distributed import Workers, workers_from_environment
-from groupmixnorm.training.prepare import prepare
+from groupmixnorm.training.prepare import Start, prepare
 from groupmixnorm.training.resume import LoopState, ResumePoint, load_state, save_state
 from groupmixnorm.training.sampling import batch_indices
 
@@ -116,8 +116,12 @@ def train(
     *,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume: ResumePoint | None = None,
+    start: Start | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``data`` and evaluate the selected epoch on the test split.
+
+    ``start`` sets the new model's starting weights (see :func:`~groupmixnorm.training.prepare.prepare`);
+    by default they are drawn afresh from ``config.seed``.
 
     With ``resume``, the loop's whole state is saved to ``resume.path`` after every epoch and, when
     ``resume.resume`` is set and a state exists, restored from there first, so the run continues exactly
@@ -134,7 +138,7 @@ def train(
     device = torch.device(config.device)
     workers = workers_from_environment(device)
     train_split, val_split, test_split = (to_tensors(s, device) for s in (data.train, data.val, data.test))
-    prepared = prepare(method, ModelSpec.of(data, config.hidden), config, workers)
+    prepared = prepare(method, ModelSpec.of(data, config.hidden), config, workers, start)
     model, trained, optimizer, generator = prepared.model, prepared.trained, prepared.optimizer, prepared.generator
 
     loop = LoopState(epoch=-1, history=[], epoch_seconds=[], best=None)

@@ -8,6 +8,7 @@ that a model trained, timed or fitted from the same settings starts from the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,15 +36,24 @@ class Prepared:
     generator: torch.Generator
 
 
-def prepare(method: Method, spec: ModelSpec, config: TrainConfig, workers: Workers = Workers()) -> Prepared:
+#: Sets a freshly built model's starting weights in place (e.g. from a pre-trained network).
+Start = Callable[[nn.Module], None]
+
+
+def prepare(method: Method, spec: ModelSpec, config: TrainConfig, workers: Workers = Workers(),
+            start: Start | None = None) -> Prepared:
     """Build ``method``'s model for ``spec`` on ``config.device`` (weights drawn from torch's global generator,
-    seeded here with ``config.seed``), call :meth:`Method.setup`, wrap the model for ``workers`` and create its
-    Adam optimizer (``config.lr``, ``config.weight_decay``) and a batch-order generator seeded with
-    ``config.seed``. A method that multi-process training does not support is refused under several workers.
+    seeded here with ``config.seed``, then set by ``start`` when given), call :meth:`Method.setup`, wrap the
+    model for ``workers`` and create its Adam optimizer (``config.lr``, ``config.weight_decay``) and a
+    batch-order generator seeded with ``config.seed``. A method that multi-process training does not support
+    is refused under several workers.
     """
     check_method(method, workers)
     torch.manual_seed(config.seed)
-    model = method.build_model(spec).to(torch.device(config.device))
+    model = method.build_model(spec)
+    if start is not None:
+        start(model)
+    model = model.to(torch.device(config.device))
     method.setup(model, config.seed, spec)
     trained = wrap_model(model, workers)
     optimizer = torch.optim.Adam(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)

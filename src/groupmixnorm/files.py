@@ -3,6 +3,7 @@ and :class:`JsonStore`, the one store of finished work that every bench resumes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -101,6 +102,11 @@ class JsonStore:
             record = make()
             self.write(key, record)
         return record
+
+
+def json_digest(value: Any) -> str:
+    """12 hex digits of the SHA-256 of ``value`` as sorted JSON: a short, stable name for a record's identity."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def same_as_json(stored: Any, value: Any) -> bool:

@@ -541,15 +541,12 @@ class FairSearchCV(_NetworkClassifier):
         return self.classes_[positive.astype(int)]
 
     def _executor(self) -> Any:
-        from groupmixnorm.experiments.executors import LocalWorkers, Sequential, default_workers
+        from groupmixnorm.experiments.executors import default_workers, executor_for
 
-        if self.n_jobs is None or self.n_jobs == 1:
-            return Sequential()
-        if self.n_jobs == -1:
-            return LocalWorkers(default_workers(), threads=self.threads or 1)
-        if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs < 1:
-            raise ValueError(f"n_jobs must be None, -1 or a whole number of at least 1, got {self.n_jobs!r}")
-        return LocalWorkers(self.n_jobs, threads=self.threads or 1)
+        jobs = self.n_jobs
+        if jobs is not None and jobs != -1 and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+            raise ValueError(f"n_jobs must be None, -1 or a whole number of at least 1, got {jobs!r}")
+        return executor_for(default_workers() if jobs == -1 else jobs, threads=self.threads or 1)
 
     def __sklearn_is_fitted__(self) -> bool:
         # A fit that found no feasible model has set n_features_in_ but no model.

@@ -188,10 +188,12 @@ def _run_constraint_bench(args: argparse.Namespace) -> int:
     executor = _executor(args)
 
     def run(root: Path, advance: Any) -> Any:  # the bar counts trials: a search is dozens of them
+        def reused(done: Any) -> None:
+            for _ in range(done.trials()):
+                advance(f"{done.dataset} seed {done.seed} (done before)")
+
         with executor:
-            return run_constraint_bench(runs, root, executor=executor, on_trial=advance,
-                                        on_reused=lambda done: [advance(f"{done.dataset} seed {done.seed} (done "
-                                                                        "before)") for _ in range(done.trials())])
+            return run_constraint_bench(runs, root, executor=executor, on_trial=advance, on_reused=reused)
 
     def report(records: Any, path: Path, command: str) -> Path:
         write_constraint_results(runs, records, path.parent, command)

@@ -109,8 +109,8 @@ def _gmn(*, sampling: str | None = None, **options: Any) -> Setting:
 
 
 #: GroupMixNorm settings of the Adult bench. The first block is the paper's layer in its variants (no
-#: penalty), evaluated with population, group (needs the attribute) and posterior statistics; then alignment at the hidden layers; then the layer on the logit with the alignment weight
-#: swept, its quantile variant (the default: align=1, 16 quantiles), the no-mixing ablation, and the
+#: penalty), evaluated with population, group (needs the attribute) and posterior statistics; then
+#: alignment at the hidden layers; then the layer on the logit with the alignment weight swept, its quantile variant (the default: align=1, 16 quantiles), the no-mixing ablation, and the
 #: equalized-odds variants, on per-label batches as the protocol has it and on group-balanced ones.
 ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     _gmn(),

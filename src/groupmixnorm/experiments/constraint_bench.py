@@ -10,8 +10,6 @@ same bound, compared seed by seed, and says whether the bound held on test.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,9 @@ from groupmixnorm.experiments.spec import RunSpec, load_run_data
 from groupmixnorm.experiments.tabular_bench import (
     BUDGET, DATASETS, FULL_CONFIG, QUICK_CONFIG, QUICK_DATASETS, REFERENCES,
 )
+from groupmixnorm.metrics.sanity import majority_accuracy
 from groupmixnorm.metrics.uncertainty import mean_interval
-from groupmixnorm.files import JsonStore, same_as_json, write_text_atomic
+from groupmixnorm.files import JsonStore, json_digest, same_as_json, write_text_atomic
 
 NAME = "fair-by-constraint"
 #: The bound every search must meet (the goal's: selection rates within 5 points).
@@ -73,8 +72,7 @@ class ConstraintRun:
 
     def key(self) -> str:
         """Where the search's record is stored: the data set's folder, the seed and a digest of the identity."""
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
-        return f"{self.dataset}/seed{self.seed}-{digest}"
+        return f"{self.dataset}/seed{self.seed}-{json_digest(self.identity())}"
 
 
 def constraint_runs(*, quick: bool = False, seeds: int = 5, datasets: Sequence[str] | None = None,
@@ -118,13 +116,8 @@ def run_search(run: ConstraintRun, *, executor: Any = None,
     test = constraint.score_test(result, data, BOUNDS, seed=spec.config.seed)
     summary = constraint.summary_record(result, data, BOUNDS, select="ap", budget=run.budget, seed=spec.config.seed,
                                         test=test, warnings=warnings)
-    summary["test"]["majority_accuracy"] = _majority_accuracy(data.test.y)
+    summary["test"]["majority_accuracy"] = majority_accuracy(float(np.mean(np.asarray(data.test.y) == 1)))
     return {**record, **summary}
-
-
-def _majority_accuracy(y: np.ndarray) -> float:
-    rate = float(np.mean(np.asarray(y) == 1))
-    return max(rate, 1.0 - rate)
 
 
 def run_constraint_bench(runs: Sequence[ConstraintRun], records_root: Path, *, executor: Any = None,

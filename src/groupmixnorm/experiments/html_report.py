@@ -32,6 +32,7 @@ from groupmixnorm.experiments.report_plots import png_bytes as _png
 from groupmixnorm.experiments.report_plots import pyplot as _pyplot
 from groupmixnorm.experiments.report_plots import score_histograms_plot, threshold_sweep_plot
 from groupmixnorm.metrics import useless_model_warnings
+from groupmixnorm.metrics.sanity import majority_accuracy
 from groupmixnorm.files import write_text_atomic
 
 #: Per-group columns shown, in order, with their headers.
@@ -358,7 +359,7 @@ def _metrics_section(view: RunView, baseline: RunView | None, intervals: decisio
 
 def _majority(view: RunView) -> float | None:
     rate = decision.base_rate(view.scored, view.rates)
-    return None if rate is None else decision.majority_accuracy(rate)
+    return None if rate is None else majority_accuracy(rate)
 
 
 def _with_majority(metrics: dict[str, float], majority: float | None) -> dict[str, float]:

@@ -74,11 +74,6 @@ def selection_ratios(rates: pd.DataFrame) -> pd.Series:
     return pd.Series(1.0, index=rates.index) if top == 0 else selected / top
 
 
-def majority_accuracy(base_rate: float) -> float:
-    """The accuracy of predicting the more common label for everyone: ``max(p, 1 - p)``."""
-    return max(base_rate, 1.0 - base_rate)
-
-
 def base_rate(scored: pd.DataFrame | None, rates: pd.DataFrame) -> float | None:
     """The share of positive labels in the test split: from the labels when there are any, else from the
     per-group counts; ``None`` when neither is known."""

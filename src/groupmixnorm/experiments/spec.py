@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from groupmixnorm.data import load_dataset
 from groupmixnorm.data.csv import CSVError, read_table
+from groupmixnorm.files import json_digest
 from groupmixnorm.methods import make_method
 from groupmixnorm.metrics import METRIC_NAMES, useless_model_warnings
 from groupmixnorm.training import TrainConfig, train
@@ -39,8 +40,7 @@ class RunSpec:
 
     def key(self) -> str:
         """A short stable name for this spec, used as the record's file name."""
-        blob = json.dumps(self.to_dict(), sort_keys=True)
-        return f"{self.method}-s{self.config.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        return f"{self.method}-s{self.config.seed}-{json_digest(self.to_dict())}"
 
     def to_dict(self) -> dict[str, Any]:
         spec = {

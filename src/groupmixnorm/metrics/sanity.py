@@ -13,6 +13,11 @@ from groupmixnorm.metrics.fairness import accuracy
 COLLAPSED_STD = 0.02
 
 
+def majority_accuracy(base_rate: float) -> float:
+    """The accuracy of predicting the more common label for everyone: ``max(p, 1 - p)`` for base rate ``p``."""
+    return max(base_rate, 1.0 - base_rate)
+
+
 def useless_model_warnings(
     y_true: Any, scores: Any, threshold: float = 0.5, *, model: str = "the selected model", split: str = "test"
 ) -> list[str]:
@@ -35,7 +40,7 @@ def useless_model_warnings(
     """
     labels, values = np.asarray(y_true, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     lines = []
-    majority = max(float(np.mean(labels)), 1.0 - float(np.mean(labels)))
+    majority = majority_accuracy(float(np.mean(labels)))
     found = accuracy(labels, values, threshold)
     if found <= majority:
         lines.append(f"{model}'s {split} accuracy {found:.4f} is no better than predicting the majority class "

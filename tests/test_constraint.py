@@ -74,7 +74,9 @@ def test_a_bound_that_holds_writes_the_choice_its_test_numbers_and_the_front(sea
     assert {"threshold", "val_ap", "val_accuracy", "val_dp_gap_hard", "val_dp_gap_hard_upper", "feasible"} <= set(front)
     chosen = front[front["chosen"]]
     assert len(chosen) == 1 and chosen["feasible"].all()
-    assert chosen["val_ap"].iloc[0] == front[front["feasible"]]["val_ap"].max()
+    assert chosen["val_accuracy"].iloc[0] == front[front["feasible"]]["val_accuracy"].max()  # the default objective
+    feasible = front[front["feasible"]]
+    assert (feasible["val_accuracy_low"] > feasible["val_majority_accuracy"]).all()  # every feasible one is of use
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -183,10 +185,11 @@ def test_a_bound_that_cannot_be_met_exits_3_with_one_line_naming_the_closest(tab
 
 
 def test_a_point_gap_under_the_bound_is_not_enough_when_the_interval_reaches_over_it():
-    # 100 rows per group; at threshold 0.5 group a selects 50 %, group b 46 %: a point gap of 0.04.
+    # 100 rows per group; at threshold 0.5 group a selects 50 %, group b 46 %: a point gap of 0.04. The
+    # labels agree with the decisions on 4 rows of 5, so the decisions beat the majority class.
     scores = np.r_[np.repeat([0.9, 0.1], 50), np.repeat([0.9, 0.1], [46, 54])]
     groups = np.repeat([0, 1], 100)
-    labels = np.tile([1, 0], 100)
+    labels = np.where(np.arange(200) % 5 == 0, scores < 0.5, scores >= 0.5).astype(int)
     choose = lambda bound: constraint.choose_threshold(labels, scores, groups, {"dp_gap_hard": bound}, seed=0,
                                                        thresholds=[0.5])
     tight = choose(0.05)
@@ -260,13 +263,15 @@ def test_flags_that_do_not_fit_a_search_are_one_line_errors(table, tmp_path, cap
 
 
 def _fake_trials(monkeypatch, gap_of):
-    """Trials that train nothing: a knob value's validation AP falls with the value (a stronger knob costs
-    accuracy) and its gap is ``gap_of(value)``; feasible when the gap is at most 0.05."""
+    """Trials that train nothing: a knob value's validation AP and accuracy fall with the value (a stronger
+    knob costs accuracy, which stays above the majority class) and its gap is ``gap_of(value)``; feasible
+    when the gap is at most 0.05."""
     def fit(data, config, bounds, name, options, keep):
         value = options["lam"]
         gap = gap_of(value)
-        choice = constraint.ThresholdChoice(0.5, 1.0 / (1.0 + value), 0.8, {"dp_gap_hard": gap},
-                                            {"dp_gap_hard": gap}, gap <= 0.05)
+        accuracy = 0.7 + 0.1 / (1.0 + value)
+        choice = constraint.ThresholdChoice(0.5, 1.0 / (1.0 + value), accuracy, {"dp_gap_hard": gap},
+                                            {"dp_gap_hard": gap}, accuracy - 0.05, 0.6, gap <= 0.05)
         return constraint.TrialFit(choice, 0.0, "", (lambda split: None, None, None))
 
     monkeypatch.setattr(constraint, "fit_trial", fit)
@@ -283,7 +288,7 @@ def test_a_monotone_knob_is_searched_to_its_feasible_side(monkeypatch):
     result = _search(20)
     feasible = [trial for trial in result.trials if trial.feasible]
     assert feasible and result.chosen.value >= 4.0
-    assert result.chosen.value == min(trial.value for trial in feasible)  # the weakest feasible: the best AP
+    assert result.chosen.value == min(trial.value for trial in feasible)  # the weakest feasible: the most accurate
 
 
 def test_a_knob_whose_gap_is_not_monotone_is_still_searched_where_it_is_met(monkeypatch):

@@ -47,7 +47,7 @@ def test_a_bound_that_holds_keeps_the_best_feasible_trial_and_predicts_without_t
     assert np.isnan(results["value"][0]) and (results["value"][1:] > 0).all()
     assert results["feasible"][best] and results["chosen"][best] and results["chosen"].sum() == 1
     assert results["val_dp_gap_hard_upper"][best] <= bound  # what feasible means
-    assert results["val_ap"][best] == results["val_ap"][results["feasible"]].max() == search.best_score_
+    assert results["val_accuracy"][best] == results["val_accuracy"][results["feasible"]].max() == search.best_score_
     assert search.best_method_ == results["method"][best]
     assert search.threshold_ == results["threshold"][best] == search.best_params_["threshold"]
     knob = results["knob"][best]

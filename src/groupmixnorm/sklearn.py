@@ -342,7 +342,8 @@ class FairSearchCV(_NetworkClassifier):
     line's constrained search (:func:`groupmixnorm.experiments.constraint.search`): each candidate method's
     fairness knob is searched by a seeded Optuna sampler, ``budget`` trials per method, and for each trial
     one global decision threshold is chosen on validation. A trial is feasible when, for every bound, the
-    upper end of the 95 % stratified bootstrap interval of its validation gap is at most the bound. The
+    upper end of the 95 % stratified bootstrap interval of its validation gap is at most the bound, and the
+    lower end of the interval of its validation accuracy is above the majority-class accuracy. The
     feasible trial with the best validation ``select`` is kept; prediction needs no protected attribute.
 
     Parameters
@@ -357,8 +358,9 @@ class FairSearchCV(_NetworkClassifier):
         ``eodds`` gap, else at demographic parity.
     budget : int, default=20
         Trials per method (a method without a knob, ``erm``, trains once).
-    select : {"ap", "accuracy"}, default="ap"
-        What the search maximises on validation among the feasible trials.
+    select : {"accuracy", "ap"}, default="accuracy"
+        What the search maximises on validation among the feasible trials: the accuracy of the decisions
+        at each trial's threshold, or the threshold-free AP.
     val_fraction : float, default=0.25
         Share of the rows held out for validation: the knobs, thresholds and feasibility are decided there,
         and the model trains on the rest.
@@ -443,7 +445,7 @@ class FairSearchCV(_NetworkClassifier):
         *,
         methods: str | Sequence[str] = "auto",
         budget: int = 20,
-        select: str = "ap",
+        select: str = "accuracy",
         val_fraction: float = 0.25,
         hidden: tuple[int, ...] = (64, 64),
         epochs: int = 20,
@@ -518,7 +520,7 @@ class FairSearchCV(_NetworkClassifier):
         if result.chosen is None:
             for name in [key for key in vars(self) if key.endswith("_")]:  # no stale model of an earlier fit
                 delattr(self, name)
-            raise NoFeasibleModelError(constraint.closest_message(result.trials, bounds), cv_results)
+            raise NoFeasibleModelError(constraint.closest_message(result.trials, bounds, data.val), cv_results)
         self._keep(result, cv_results, classes, group_names)
         self._mean, self._scale = standardization
         return self

@@ -199,10 +199,11 @@ def _add_config_options(group: argparse._ArgumentGroup) -> None:
                        help="hidden layer widths, comma-separated; for images the CNN's channels per block "
                        "[default: tables 200,200, colored-digits 16,32, celeba 32,64,128,128]")
     group.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed for torch, numpy and batch order")
-    group.add_argument("--select", choices=(*SELECTION_RULES, "accuracy"), default=TrainConfig.select,
-                       help="epoch to keep, chosen on validation: best AP (within --gap-target if given), "
-                       "the last one, or the smallest gap; with --max-gap: what the search maximizes on "
-                       "validation, ap or accuracy (epochs are then kept by validation AP)")
+    group.add_argument("--select", choices=(*SELECTION_RULES, "accuracy"), default=None,
+                       help=f"epoch to keep, chosen on validation: best AP (within --gap-target if given), "
+                       f"the last one, or the smallest gap [default: {TrainConfig.select}]; with --max-gap: what "
+                       "the search maximizes on validation among feasible trials, accuracy (the default: the "
+                       "decisions at the chosen threshold) or ap (epochs are then kept by validation AP)")
     group.add_argument("--gap-metric", choices=GAP_METRIC_CHOICES, default=TrainConfig.gap_metric,
                        help="validation gap that --gap-target bounds")
     group.add_argument("--gap-target", type=float, default=None,
@@ -233,8 +234,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     config = TrainConfig(
         **_loop_budget(args), batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, hidden=_parse_hidden(args.hidden or defaults.hidden), seed=args.seed,
-        select="ap" if args.select == "accuracy" else args.select, gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling,
-        device=args.device,
+        select=TrainConfig.select if args.select in (None, "accuracy") else args.select,
+        gap_metric=args.gap_metric, gap_target=args.gap_target, sampling=args.sampling, device=args.device,
     )
     return RunSpec(method=args.method, method_options=given, dataset=args.dataset,
                    sensitive=args.sensitive or defaults.sensitive, protocol=args.protocol, quantize=args.quantize,
@@ -369,7 +370,7 @@ def _run_constrained(args: argparse.Namespace) -> int:
     _check_search_flags(args)
     _check_save(args, spec, list(methods))
     budget = 20 if args.budget is None else args.budget
-    select = "accuracy" if args.select == "accuracy" else "ap"
+    select = args.select or "accuracy"
     source = data_fingerprint(spec.to_dict())
     data = load_run_data(spec.to_dict())
     executor = _executor(args)
@@ -386,7 +387,7 @@ def _run_constrained(args: argparse.Namespace) -> int:
     table.to_csv(args.out / "front.csv", index=False)
     constraint.plot_front(table, bounds, select, args.out / "front.png")
     if result.chosen is None:
-        print(f"groupmixnorm train: error: {constraint.closest_message(result.trials, bounds)}", file=sys.stderr)
+        print(f"groupmixnorm train: error: {constraint.closest_message(result.trials, bounds, data.val)}", file=sys.stderr)
         return NO_FEASIBLE_EXIT
     seed = spec.config.seed
     warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), result.chosen.choice.threshold)
@@ -458,7 +459,7 @@ def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit
 
 def _check_search_flags(args: argparse.Namespace) -> None:
     """Flags that do not combine with a --max-gap search."""
-    if args.select not in ("ap", "accuracy"):
+    if args.select not in (None, "ap", "accuracy"):
         raise UsageError(f"with --max-gap, --select is what the search maximizes on validation: ap or accuracy, "
                          f"got {args.select}")
     if args.gap_target is not None:

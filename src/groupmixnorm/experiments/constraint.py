@@ -4,8 +4,10 @@ For each candidate method, its fairness knob is searched on the **validation** s
 sampler (log scale, ranges in :data:`KNOBS`), every method with the same number of trials. For each trial the
 decision threshold, one global value that needs no protected attribute, is chosen on validation among
 :data:`THRESHOLDS`. A trial is *feasible* when, for every bound, the upper end of the stratified bootstrap
-interval (95 %, seeded) of its validation gap is at most the bound (:func:`choose_threshold`): the margin that
-accounts for validation noise. The feasible trial with the best validation objective is chosen; only then,
+interval (95 %, seeded) of its validation gap is at most the bound, and the lower end of its accuracy's
+interval is above the majority-class accuracy (:func:`choose_threshold`): margins that account for validation
+noise, and a decision that is surely of use. The feasible trial with the best validation objective (by
+default accuracy, the decisions' own; or AP) is chosen; only then,
 and only for it, is the test split scored (:func:`score_test`). During the search the training loop is
 handed the validation split in place of the test split, so no test row is seen before the choice.
 """
@@ -28,8 +30,8 @@ from groupmixnorm.metrics.distribution import abcc, dp_ks, eodds_ks
 from groupmixnorm.metrics.fairness import (
     accuracy, average_precision, dp_gap, dp_gap_hard, eodds_gap, eodds_gap_hard, eopp_gap, eopp_gap_hard,
 )
-from groupmixnorm.metrics.sanity import useless_model_warnings
-from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval
+from groupmixnorm.metrics.sanity import majority_accuracy, useless_model_warnings
+from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval, bootstrap_intervals
 
 #: The gaps a bound may name: the soft, thresholded and threshold-free gaps of
 #: :func:`~groupmixnorm.metrics.fairness_report` (lower is fairer; ``dp_ratio`` is a ratio, not a gap).
@@ -157,37 +159,64 @@ def gap_interval(name: str, y: np.ndarray, scores: np.ndarray, groups: np.ndarra
                               confidence=CONFIDENCE, seed=seed)
 
 
+#: The name of the usefulness condition among a trial's constraints (beside one per bound).
+BEATS_MAJORITY = "beats_majority"
+#: The feasibility rule, in words: what ``metrics.json`` and the bench records say was applied.
+FEASIBILITY = (f"every bound >= the upper end of the {CONFIDENCE:.0%} stratified bootstrap interval of the "
+               f"validation gap, and the lower end of the {CONFIDENCE:.0%} interval of validation accuracy above "
+               "the majority-class accuracy")
+
+
 @dataclass(frozen=True)
 class ThresholdChoice:
-    """The threshold of one trial, its validation numbers and whether it meets the bounds."""
+    """The threshold of one trial, its validation numbers and whether it meets the bounds.
+
+    ``upper`` holds each bounded gap's interval upper end, ``accuracy_low`` the lower end of the accuracy
+    interval and ``majority`` the validation accuracy of predicting the more common label for everyone.
+    """
 
     threshold: float
     ap: float
     accuracy: float
     gaps: dict[str, float]
     upper: dict[str, float]
+    accuracy_low: float
+    majority: float
     feasible: bool
 
     def objective(self, select: str) -> float:
         """The validation number the search maximises: ``"ap"`` or ``"accuracy"``."""
         return self.ap if select == "ap" else self.accuracy
 
+    def excess(self, bounds: Mapping[str, float]) -> dict[str, float]:
+        """How far each condition is from being met (<= 0 where met, as Optuna counts constraints): each
+        gap's upper end minus its bound, and the majority-class accuracy minus the accuracy's lower end."""
+        return {**{name: self.upper[name] - bound for name, bound in bounds.items()},
+                BEATS_MAJORITY: self.majority - self.accuracy_low}
+
 
 def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, bounds: Mapping[str, float], *,
                      seed: int, thresholds: Sequence[float] = THRESHOLDS) -> ThresholdChoice:
-    """The most accurate threshold of ``thresholds`` that meets the bounds on validation.
+    """The most accurate threshold of ``thresholds`` that meets the bounds on validation and decides
+    better than the majority class.
 
-    Thresholds are tried from the most accurate down; those whose point gaps already exceed a bound are
-    skipped, and the first whose CI upper ends meet every bound is kept. If none does, the one whose largest
-    point excess over a bound is smallest is returned, marked infeasible. A threshold that gives every
-    validation row the same prediction is never feasible: it meets any thresholded gap trivially, with a
-    classifier that decides nothing. AP does not depend on the threshold, nor do the threshold-free gaps:
-    those are bootstrapped once, first, and if one misses its bound no threshold is tried.
+    A threshold is feasible when the upper end of every bounded gap's bootstrap interval is at most its
+    bound and the lower end of the accuracy's interval is above the majority-class accuracy: a decision
+    that is not surely better than predicting the common label for everyone meets a thresholded gap by
+    deciding (almost) nothing, which is no model at all. Thresholds are tried from the most accurate down;
+    those whose point gaps already exceed a bound, or that are not useful, are skipped. If none is
+    feasible, the one whose largest excess (:meth:`ThresholdChoice.excess`) is smallest is returned, marked
+    infeasible; thresholds whose point accuracy beats the majority class come first (deciding nothing sits
+    near every bound but is no nearer a model of use). AP does not depend on the threshold, nor do the threshold-free gaps: those are bootstrapped
+    once, first, and if one misses its bound no threshold is feasible.
     """
     ap = average_precision(y, scores)
+    majority = majority_accuracy(float(np.mean(y)))
+    lows = {t: interval.low for t, interval in zip(thresholds, bootstrap_intervals(
+        lambda a, s, c: [accuracy(a, s, t) for t in thresholds], y, scores, groups, resamples=RESAMPLES,
+        confidence=CONFIDENCE, seed=seed))}
     rows = [(t, accuracy(y, scores, t), {name: GAP_METRICS[name](y, scores, groups, t) for name in bounds})
             for t in thresholds]
-    deciding = [row for row in rows if 0.0 < float(np.mean(scores >= row[0])) < 1.0]
     cache: dict[tuple[str, float], float] = {}
 
     def upper(name: str, t: float) -> float:
@@ -196,14 +225,21 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
             cache[key] = gap_interval(name, y, scores, groups, t, seed=seed).high
         return cache[key]
 
+    def choice(t: float, acc: float, gaps: dict[str, float], feasible: bool) -> ThresholdChoice:
+        return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, lows[t], majority,
+                               feasible)
+
     free = [name for name in bounds if name not in THRESHOLDED]
     if all(upper(name, 0.5) <= bounds[name] for name in free):
-        for t, acc, gaps in sorted(deciding, key=lambda row: -row[1]):  # stable: ties keep the grid's order
-            if all(gaps[name] <= bound for name, bound in bounds.items()) and \
+        for t, acc, gaps in sorted(rows, key=lambda row: -row[1]):  # stable: ties keep the grid's order
+            if lows[t] > majority and all(gaps[name] <= bound for name, bound in bounds.items()) and \
                     all(upper(name, t) <= bounds[name] for name in bounds if name in THRESHOLDED):
-                return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, True)
-    t, acc, gaps = min(deciding or rows, key=lambda row: (max(row[2][n] - b for n, b in bounds.items()), -row[1]))
-    return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, False)
+                return choice(t, acc, gaps, True)
+    def distance(row: tuple[float, float, dict[str, float]]) -> tuple[bool, float, float]:
+        t, acc, gaps = row
+        return acc <= majority, max(*(gaps[n] - b for n, b in bounds.items()), majority - lows[t]), -acc
+
+    return choice(*min(rows, key=distance), False)
 
 
 # ------------------------------------------------------------------------------------------------ trials
@@ -231,7 +267,8 @@ class Trial:
         """This trial as a row of ``front.csv``."""
         row: dict[str, Any] = {"method": self.method, "knob": self.knob or "", "value": self.value,
                                "threshold": self.choice.threshold, "val_ap": self.choice.ap,
-                               "val_accuracy": self.choice.accuracy}
+                               "val_accuracy": self.choice.accuracy, "val_accuracy_low": self.choice.accuracy_low,
+                               "val_majority_accuracy": self.choice.majority}
         for name in bounds:
             row[f"val_{name}"] = self.choice.gaps[name]
             row[f"val_{name}_upper"] = self.choice.upper[name]
@@ -277,7 +314,7 @@ def search(
     *,
     config: Any,
     budget: int,
-    select: str = "ap",
+    select: str = "accuracy",
     on_trial: Callable[[Trial, Trial | None], None] | None = None,
     executor: Any = None,
 ) -> SearchResult:
@@ -411,7 +448,7 @@ class _Search:
         if trial.feasible and (self.rank is None or rank > self.rank):
             self.best, self.fit, self.rank = trial, fit, rank
         if asked is not None:
-            _set_constraints(asked, {n: fit.choice.upper[n] - b for n, b in self.bounds.items()})
+            _set_constraints(asked, fit.choice.excess(self.bounds))
             lane.study.tell(asked, fit.choice.objective(self.select))
         if self.on_trial is not None:
             self.on_trial(trial, self.best)
@@ -451,14 +488,27 @@ def _set_constraints(trial: Any, excess: Mapping[str, float]) -> None:
         trial.set_user_attr("excess", list(excess.values()))
 
 
-def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float]) -> str:
-    """The one line for a search without a feasible trial: the trial whose largest excess is smallest."""
-    closest = min(trials, key=lambda t: max(t.choice.upper[n] - b for n, b in bounds.items()))
+def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float], split: Any = None) -> str:
+    """The one line for a search without a feasible trial: the trial whose largest excess is smallest (of
+    those whose point accuracy beats the majority class, if any), what it misses, and, when its point numbers meet every condition but the intervals' ends do not, that the
+    validation ``split`` (when given: its size and smallest group) is too small to certify them."""
+    closest = min(trials, key=lambda t: (t.choice.accuracy <= t.choice.majority,
+                                         max(t.choice.excess(bounds).values())))
+    choice = closest.choice
     setting = "" if closest.knob is None else f" {closest.knob}={closest.value:.4g}"
-    ends = ", ".join(f"{n} upper end {closest.choice.upper[n]:.4f} > {b}" if closest.choice.upper[n] > b
-                     else f"{n} upper end {closest.choice.upper[n]:.4f} <= {b}" for n, b in bounds.items())
-    return (f"no candidate of {len(trials)} met every bound on validation (95% bootstrap upper end); closest: "
-            f"{closest.method}{setting} at threshold {closest.choice.threshold}: {ends}")
+    ends = [f"{n} upper end {choice.upper[n]:.4f} {'>' if choice.upper[n] > b else '<='} {b}"
+            for n, b in bounds.items()]
+    ends.append(f"accuracy lower end {choice.accuracy_low:.4f} {'>' if choice.accuracy_low > choice.majority else '<='}"
+                f" majority class {choice.majority:.4f}")
+    line = (f"no candidate of {len(trials)} met every bound and beat the majority class on validation "
+            f"({CONFIDENCE:.0%} bootstrap ends); closest: {closest.method}{setting} at threshold {choice.threshold}: "
+            + ", ".join(ends))
+    if all(choice.gaps[n] <= b for n, b in bounds.items()) and choice.accuracy > choice.majority:
+        size = "" if split is None else \
+            f" ({len(split)} rows, smallest group {int(np.unique(split.a, return_counts=True)[1].min())})"
+        line += (f"; its point values meet them, but the validation split{size} is too small to certify them: "
+                 "a larger validation split or a looser bound would")
+    return line
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -553,8 +603,7 @@ def summary_record(result: SearchResult, data: Any, bounds: Mapping[str, float],
         "bounds": dict(bounds),
         "select": select,
         "budget": budget,
-        "feasibility": f"every bound >= the upper end of the {CONFIDENCE:.0%} stratified bootstrap interval "
-                       f"({RESAMPLES} resamples, seed {seed}) of the validation gap",
+        "feasibility": f"{FEASIBILITY} ({RESAMPLES} resamples, seed {seed})",
         "methods": sorted({trial.method for trial in result.trials}),
         "trials": len(result.trials),
         "feasible_trials": sum(trial.feasible for trial in result.trials),

@@ -93,6 +93,31 @@ def test_a_compiled_model_trains_and_evaluates_as_the_eager_one() -> None:
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ids", [[0, 1], [0, 1, 2]], ids=["two groups", "a group of one sample"])
+def test_a_compiled_training_step_is_one_graph_with_the_eager_numbers(ids: list[int]) -> None:
+    """``fullgraph=True`` fails on any graph break: the layer's checks, group-table fallback, mixing draw,
+    running statistics and the blocks' values (use_groups, collect_alignment) trace without reading a
+    number back. A group of one sample takes the batch fallback, inside the graph too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), GroupMixNorm1d(16, num_groups=3, align_quantiles=4),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(65, 8)
+    groups = torch.cat([torch.randint(0, 2, (64,)), torch.tensor([ids[-1]])])
+    results = []
+    for network in (compiled, eager):
+        torch.manual_seed(1)
+        with use_groups(groups), collect_alignment() as penalties:
+            out = network(x)
+        (out.square().mean() + sum(penalties)).backward()
+        results.append((out.detach(), len(penalties)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    assert results[0][1] == results[1][1] == 1
+    for (name, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_evaluation_without_running_statistics_follows_the_reference_path_too() -> None:
     """Without running statistics evaluation normalizes with the batch; inside use_reference it does so in
     plain autograd (the same numbers), so its input gradient is differentiable again."""

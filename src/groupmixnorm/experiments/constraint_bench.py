@@ -135,7 +135,8 @@ def run_constraint_bench(runs: Sequence[ConstraintRun], records_root: Path, *, e
         if record is None:
             label = f"{run.dataset} seed {run.seed}"
             report = None if on_trial is None else (lambda trial, best, label=label: on_trial(
-                f"{label}: {trial.method}" + ("" if best is None else f", best {best.method} AP {best.choice.ap:.3f}")))
+                f"{label}: {trial.method}" + ("" if best is None else
+                                              f", best {best.method} {SELECT} {best.choice.objective(SELECT):.3f}")))
             record = run_search(run, executor=executor, on_trial=report)
             store.write(run.key(), record)
         elif on_reused is not None:

@@ -68,7 +68,7 @@ def mixable_groups(counts: Tensor) -> Tensor:
     """The groups a mixture may weight: the eligible ones or, if none is, every present group (whose table
     rows are then all the batch statistics anyway)."""
     eligible = eligible_groups(counts)
-    return eligible if bool(eligible.any()) else counts > 0
+    return torch.where(eligible.any(), eligible, counts > 0)  # no host sync: traceable without a graph break
 
 
 def batch_moments(counts: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:

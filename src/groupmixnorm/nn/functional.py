@@ -120,7 +120,8 @@ def group_mix_norm(
 def plain_group_moments(x: Tensor, groups: Tensor, num_groups: int) -> GroupMoments:
     """:func:`group_moments` in ordinary autograd: the group means, then the centred second moments (two
     passes keep the variance accurate when the mean is large relative to the spread)."""
-    counts = torch.bincount(groups, minlength=num_groups).to(x.dtype) * values_per_sample(x)
+    # index_add, not bincount, whose output size depends on the ids' values (a graph break when compiled)
+    counts = x.new_zeros(num_groups).index_add(0, groups, x.new_ones(groups.shape)) * values_per_sample(x)
     per_count = counts.clamp_min(1).unsqueeze(1)
     mean = _segment_sum(x, groups, num_groups) / per_count
     var = _segment_sum((x - broadcast_rows(mean[groups], x)).square(), groups, num_groups) / per_count

@@ -259,6 +259,8 @@ class _GroupMixNorm(nn.Module):
         Any NaN or infinity in ``x`` reaches the batch mean, so checking ``(C,)`` numbers catches it without
         another pass over the batch; so does a variance that overflows ``x``'s dtype.
         """
+        if torch.compiler.is_compiling():
+            return  # the check reads a number back from the batch, a graph break; eager calls make it
         summary = moments.batch_mean.detach() + moments.batch_var.detach()
         if math.isfinite(float(summary.sum(dtype=torch.float64))):  # three small ops on the common path
             return
@@ -340,15 +342,15 @@ class _GroupMixNorm(nn.Module):
         moments: GroupMoments,
         mixed: tuple[Tensor, Tensor],
         all_eligible: bool | None = None,
-        total: int | None = None,
+        total: int | Tensor | None = None,
     ) -> None:
         """Fold this batch into the running statistics.
 
         ``mixed`` is the batch's (average) mixed mean and standard deviation, ``total`` the number of values
         per channel (``moments.counts.sum()``) if known.
         """
-        if total is None:
-            total = int(moments.counts.sum())
+        if total is None:  # a tensor, not a number read back: no host sync (and no graph break when compiled)
+            total = moments.counts.sum()
         unbiased_batch_var = moments.batch_var * (total / (total - 1))
         if self.running_var.dtype != unbiased_batch_var.dtype:
             self._check_storable(torch.cat([unbiased_batch_var, moments.var.flatten() * 2]))
@@ -378,8 +380,8 @@ class _GroupMixNorm(nn.Module):
 
     def _update_group_stats(self, moments: GroupMoments, all_eligible: bool | None = None) -> None:
         counts = moments.counts
-        if all_eligible is None:
-            all_eligible = K.every_group_eligible(counts)
+        if all_eligible is None:  # the masked update below is right in every case, and needs no host sync
+            all_eligible = False if torch.compiler.is_compiling() else K.every_group_eligible(counts)
         if all_eligible:
             # Every group has its own statistics: one weight for all of them.
             self.group_batches_tracked.add_(1)
@@ -436,6 +438,8 @@ class _GroupMixNorm(nn.Module):
             groups = groups.to(device=x.device, dtype=torch.long)
         if groups.numel() == 0:
             return groups, self.num_groups if self.num_groups is not None else 1
+        if self.num_groups is not None and torch.compiler.is_compiling():
+            return groups, self.num_groups  # reading the ids' range would break the graph; eager calls check it
         smallest, largest = torch.aminmax(groups)
         smallest, largest = int(smallest), int(largest)
         if smallest < 0:

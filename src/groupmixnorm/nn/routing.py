@@ -2,18 +2,19 @@
 
 ``nn.Sequential`` and torchvision models call each child with one tensor. Inside
 ``with use_groups(a): model(x)`` every GroupMixNorm layer reads ``a`` for that call; outside the block
-nothing is left behind (a :class:`contextvars.ContextVar`, so threads and nested blocks stay separate).
+nothing is left behind. The blocks' values live in one :class:`threading.local` (threads stay separate,
+nested blocks restore the outer value on exit), which ``torch.compile`` reads without a graph break, as it
+cannot read a :class:`contextvars.ContextVar`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from typing import Any
 
 from torch import Tensor
-
-_CURRENT_GROUPS: ContextVar[Tensor | None] = ContextVar("groupmixnorm_groups", default=None)
 
 
 class AlignmentPenalties(list):
@@ -24,7 +25,27 @@ class AlignmentPenalties(list):
         self.condition = condition
 
 
-_PENALTY_COLLECTOR: ContextVar[AlignmentPenalties | None] = ContextVar("groupmixnorm_penalties", default=None)
+class _Blocks(threading.local):
+    """What the innermost blocks of this thread set: the group ids, the penalty collector, the reference flag."""
+
+    def __init__(self) -> None:
+        self.groups: Tensor | None = None
+        self.collector: AlignmentPenalties | None = None
+        self.reference = False
+
+
+_BLOCKS = _Blocks()
+
+
+@contextmanager
+def _setting(name: str, value: Any) -> Iterator[None]:
+    """Set one of the thread's block values for the ``with`` block, and restore the outer one after it."""
+    outer = getattr(_BLOCKS, name)
+    setattr(_BLOCKS, name, value)
+    try:
+        yield
+    finally:
+        setattr(_BLOCKS, name, outer)
 
 
 @contextmanager
@@ -40,16 +61,13 @@ def use_groups(groups: Tensor | None) -> Iterator[None]:
     >>> with use_groups(a):
     ...     out = model(x)
     """
-    token = _CURRENT_GROUPS.set(groups)
-    try:
+    with _setting("groups", groups):
         yield
-    finally:
-        _CURRENT_GROUPS.reset(token)
 
 
 def current_groups() -> Tensor | None:
     """The ids set by the innermost :func:`use_groups` block, or ``None`` outside any block."""
-    return _CURRENT_GROUPS.get()
+    return _BLOCKS.groups
 
 
 @contextmanager
@@ -69,19 +87,13 @@ def collect_alignment(condition: Tensor | None = None) -> Iterator[AlignmentPena
     >>> loss = task_loss(logits, y) + weight * sum(penalties)
     """
     penalties = AlignmentPenalties(condition)
-    token = _PENALTY_COLLECTOR.set(penalties)
-    try:
+    with _setting("collector", penalties):
         yield penalties
-    finally:
-        _PENALTY_COLLECTOR.reset(token)
 
 
 def active_penalty_collector() -> AlignmentPenalties | None:
     """The list of the innermost :func:`collect_alignment` block, or ``None``."""
-    return _PENALTY_COLLECTOR.get()
-
-
-_USE_REFERENCE: ContextVar[bool] = ContextVar("groupmixnorm_reference", default=False)
+    return _BLOCKS.collector
 
 
 @contextmanager
@@ -97,11 +109,8 @@ def use_reference() -> Iterator[None]:
     ...     (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
     >>> grad.square().sum().backward()
     """
-    token = _USE_REFERENCE.set(True)
-    try:
+    with _setting("reference", True):
         yield
-    finally:
-        _USE_REFERENCE.reset(token)
 
 
 def reference_requested() -> bool:
@@ -109,6 +118,4 @@ def reference_requested() -> bool:
     ``torch.compile`` traces (the fused autograd functions cannot be traced)."""
     import torch
 
-    # Compiling first: dynamo cannot trace ContextVar.get, and a graph break here would run this call
-    # eagerly, where is_compiling() is False.
-    return torch.compiler.is_compiling() or _USE_REFERENCE.get()
+    return torch.compiler.is_compiling() or _BLOCKS.reference

@@ -207,7 +207,9 @@ def test_threads_default_to_one_for_tabular_data_and_follow_the_flag(tmp_path, c
 
 def test_every_loop_setting_is_a_train_flag_with_the_loops_default():
     """``RunSpec.command`` writes one flag per ``TrainConfig`` field, so each must exist on ``train`` with the
-    loop's own default (``--epochs`` defaults to a step budget instead; ``--device`` follows the machine)."""
+    loop's own default (``--epochs`` defaults to a step budget instead; ``--device`` follows the machine;
+    ``--select`` is left unset so that a ``--max-gap`` search can default to accuracy, and resolves to the
+    loop's default otherwise)."""
     import argparse
     import dataclasses
 
@@ -220,5 +222,9 @@ def test_every_loop_setting_is_a_train_flag_with_the_loops_default():
     train = {action.dest: action for action in parser._actions}
     for item in dataclasses.fields(TrainConfig):
         assert item.name in train, f"--{item.name.replace('_', '-')} is missing from train"
-        if item.name not in ("epochs", "device", "hidden"):
+        if item.name not in ("epochs", "device", "hidden", "select"):
             assert train[item.name].default == item.default, item.name
+    from groupmixnorm.cli.train import spec_from_args
+
+    args = build_parser().parse_args(["train", "--dataset", "german", "--out", "unused"])
+    assert train["select"].default is None and spec_from_args(args).config.select == TrainConfig.select

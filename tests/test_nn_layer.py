@@ -540,3 +540,29 @@ def test_module_training_step_matches_the_reference_layer_with_the_same_draw() -
     torch.testing.assert_close(layer.running_group_mean, 0.1 * mean.detach())
     table_std = torch.sqrt(var.detach() + layer.eps)
     torch.testing.assert_close(layer.running_mix_std, 0.9 * (1 + layer.eps) ** 0.5 + 0.1 * (mixing @ table_std))
+
+
+def test_use_groups_blocks_nest_and_stay_in_their_thread() -> None:
+    """An inner block hides the outer value and restores it on exit (also when the block raises); another
+    thread sees none of this thread's blocks, and its own block leaves this thread's value alone."""
+    import threading
+
+    outer, inner = torch.tensor([0, 1]), torch.tensor([1, 0])
+    seen: dict[str, object] = {}
+    with use_groups(outer):
+        with pytest.raises(RuntimeError), use_groups(inner):
+            assert current_groups() is inner
+            raise RuntimeError("leave the block")
+        assert current_groups() is outer
+
+        def other() -> None:
+            seen["before"] = current_groups()
+            with use_groups(inner):
+                seen["inside"] = current_groups()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert current_groups() is outer
+    assert seen == {"before": None, "inside": inner}
+    assert current_groups() is None

@@ -76,7 +76,8 @@ def test_a_bound_that_holds_writes_the_choice_its_test_numbers_and_the_front(sea
     assert len(chosen) == 1 and chosen["feasible"].all()
     assert chosen["val_accuracy"].iloc[0] == front[front["feasible"]]["val_accuracy"].max()  # the default objective
     feasible = front[front["feasible"]]
-    assert (feasible["val_accuracy_low"] > feasible["val_majority_accuracy"]).all()  # every feasible one is of use
+    assert (feasible["val_majority_p"] < constraint.USEFUL_LEVEL).all()  # every feasible one is of use
+    assert (feasible["val_accuracy"] > feasible["val_majority_accuracy"]).all()
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -271,7 +272,7 @@ def _fake_trials(monkeypatch, gap_of):
         gap = gap_of(value)
         accuracy = 0.7 + 0.1 / (1.0 + value)
         choice = constraint.ThresholdChoice(0.5, 1.0 / (1.0 + value), accuracy, {"dp_gap_hard": gap},
-                                            {"dp_gap_hard": gap}, accuracy - 0.05, 0.6, gap <= 0.05)
+                                            {"dp_gap_hard": gap}, 0.001, 0.6, gap <= 0.05)
         return constraint.TrialFit(choice, 0.0, "", (lambda split: None, None, None))
 
     monkeypatch.setattr(constraint, "fit_trial", fit)
@@ -301,3 +302,21 @@ def test_a_knob_whose_gap_is_not_monotone_is_still_searched_where_it_is_met(monk
     result = _search(20)
     assert result.chosen is not None and 0.5 <= result.chosen.value <= 5.0
     assert result.chosen.value == min(trial.value for trial in result.trials if trial.feasible)
+
+
+def test_a_decision_that_departs_from_the_majority_on_a_few_rows_is_not_of_use():
+    """Four departures from the majority class, all right, are what four fair coins give once in sixteen:
+    the sign test refuses them, however much a bootstrap of the accuracy would admit; forty right of fifty
+    pass. A decision that never departs is never of use."""
+    from groupmixnorm.metrics.sanity import beats_majority_pvalue
+
+    labels = np.r_[np.ones(140), np.zeros(60)].astype(int)  # the majority class is 1, accuracy 0.70
+    few = np.r_[np.ones(140), np.zeros(4), np.ones(56)]  # predicts 0 on 4 rows, all of them 0
+    assert beats_majority_pvalue(labels, few) == pytest.approx(1 / 16)
+    many = np.r_[np.ones(130), np.zeros(10 + 40), np.ones(20)]  # 50 departures: 40 right, 10 wrong
+    assert beats_majority_pvalue(labels, many) < 1e-4
+    assert beats_majority_pvalue(labels, np.ones(200)) == 1.0
+    groups = np.tile([0, 1], 100)
+    for scores, useful in ((few, False), (many, True)):
+        choice = constraint.choose_threshold(labels, scores, groups, {"dp_gap_hard": 1.0}, seed=0, thresholds=[0.5])
+        assert choice.feasible == useful and choice.accuracy > choice.majority

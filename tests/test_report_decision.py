@@ -169,9 +169,9 @@ def search_folder(run_folder, tmp_path_factory):
     data, scores, groups = _test_split(folder / "model.pt")
     bounds = {"dp_gap_hard": 0.2}
     chosen = Trial("gmn", "align", 1.0, ThresholdChoice(THRESHOLD, 0.7, 0.8, {"dp_gap_hard": 0.05},
-                                                        {"dp_gap_hard": 0.08}, 0.75, 0.6, True), 1.0, {"align": 1.0})
+                                                        {"dp_gap_hard": 0.08}, 0.001, 0.6, True), 1.0, {"align": 1.0})
     missed = Trial("erm", None, None, ThresholdChoice(0.5, 0.72, 0.82, {"dp_gap_hard": 0.3},
-                                                      {"dp_gap_hard": 0.34}, 0.78, 0.6, False), 1.0)
+                                                      {"dp_gap_hard": 0.34}, 0.001, 0.6, False), 1.0)
     front_table([missed, chosen], bounds, chosen).to_csv(folder / "front.csv", index=False)
     record = {
         "chosen": {"method": "gmn", "knob": "align", "value": 1.0, "options": {"align": 1.0}, "threshold": THRESHOLD,

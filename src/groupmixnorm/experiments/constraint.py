@@ -4,8 +4,8 @@ For each candidate method, its fairness knob is searched on the **validation** s
 sampler (log scale, ranges in :data:`KNOBS`), every method with the same number of trials. For each trial the
 decision threshold, one global value that needs no protected attribute, is chosen on validation among
 :data:`THRESHOLDS`. A trial is *feasible* when, for every bound, the upper end of the stratified bootstrap
-interval (95 %, seeded) of its validation gap is at most the bound, and the lower end of its accuracy's
-interval is above the majority-class accuracy (:func:`choose_threshold`): margins that account for validation
+interval (95 %, seeded) of its validation gap is at most the bound, and an exact sign test says its
+decisions beat the majority class (:func:`choose_threshold`): margins that account for validation
 noise, and a decision that is surely of use. The feasible trial with the best validation objective (by
 default accuracy, the decisions' own; or AP) is chosen; only then,
 and only for it, is the test split scored (:func:`score_test`). During the search the training loop is
@@ -30,8 +30,8 @@ from groupmixnorm.metrics.distribution import abcc, dp_ks, eodds_ks
 from groupmixnorm.metrics.fairness import (
     accuracy, average_precision, dp_gap, dp_gap_hard, eodds_gap, eodds_gap_hard, eopp_gap, eopp_gap_hard,
 )
-from groupmixnorm.metrics.sanity import majority_accuracy, useless_model_warnings
-from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval, bootstrap_intervals
+from groupmixnorm.metrics.sanity import beats_majority_pvalue, majority_accuracy, useless_model_warnings
+from groupmixnorm.metrics.uncertainty import Interval, bootstrap_interval
 
 #: The gaps a bound may name: the soft, thresholded and threshold-free gaps of
 #: :func:`~groupmixnorm.metrics.fairness_report` (lower is fairer; ``dp_ratio`` is a ratio, not a gap).
@@ -161,18 +161,21 @@ def gap_interval(name: str, y: np.ndarray, scores: np.ndarray, groups: np.ndarra
 
 #: The name of the usefulness condition among a trial's constraints (beside one per bound).
 BEATS_MAJORITY = "beats_majority"
+#: The one-sided level of the usefulness test: that of the two-sided interval's lower end.
+USEFUL_LEVEL = (1.0 - CONFIDENCE) / 2
 #: The feasibility rule, in words: what ``metrics.json`` and the bench records say was applied.
 FEASIBILITY = (f"every bound >= the upper end of the {CONFIDENCE:.0%} stratified bootstrap interval of the "
-               f"validation gap, and the lower end of the {CONFIDENCE:.0%} interval of validation accuracy above "
-               "the majority-class accuracy")
+               f"validation gap, and the one-sided exact sign test of validation accuracy against the majority "
+               f"class below {USEFUL_LEVEL:.3g}")
 
 
 @dataclass(frozen=True)
 class ThresholdChoice:
     """The threshold of one trial, its validation numbers and whether it meets the bounds.
 
-    ``upper`` holds each bounded gap's interval upper end, ``accuracy_low`` the lower end of the accuracy
-    interval and ``majority`` the validation accuracy of predicting the more common label for everyone.
+    ``upper`` holds each bounded gap's interval upper end, ``majority_p`` the p-value of "no more accurate
+    than the majority class" (:func:`~groupmixnorm.metrics.sanity.beats_majority_pvalue`) and ``majority``
+    the validation accuracy of predicting the more common label for everyone.
     """
 
     threshold: float
@@ -180,7 +183,7 @@ class ThresholdChoice:
     accuracy: float
     gaps: dict[str, float]
     upper: dict[str, float]
-    accuracy_low: float
+    majority_p: float
     majority: float
     feasible: bool
 
@@ -190,9 +193,9 @@ class ThresholdChoice:
 
     def excess(self, bounds: Mapping[str, float]) -> dict[str, float]:
         """How far each condition is from being met (<= 0 where met, as Optuna counts constraints): each
-        gap's upper end minus its bound, and the majority-class accuracy minus the accuracy's lower end."""
+        gap's upper end minus its bound, and the usefulness test's p-value minus its level."""
         return {**{name: self.upper[name] - bound for name, bound in bounds.items()},
-                BEATS_MAJORITY: self.majority - self.accuracy_low}
+                BEATS_MAJORITY: self.majority_p - USEFUL_LEVEL}
 
 
 def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, bounds: Mapping[str, float], *,
@@ -201,9 +204,11 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
     better than the majority class.
 
     A threshold is feasible when the upper end of every bounded gap's bootstrap interval is at most its
-    bound and the lower end of the accuracy's interval is above the majority-class accuracy: a decision
-    that is not surely better than predicting the common label for everyone meets a thresholded gap by
-    deciding (almost) nothing, which is no model at all. Thresholds are tried from the most accurate down;
+    bound and an exact sign test says its decisions beat the majority class (p below :data:`USEFUL_LEVEL`):
+    a decision that is not surely better than predicting the common label for everyone meets a
+    thresholded gap by deciding (almost) nothing, which is no model at all. (A bootstrap interval of the
+    accuracy is no test here: a decision that departs from the majority class on four rows, all right,
+    has a lower end above the majority's, though four fair coins all land heads once in sixteen.) Thresholds are tried from the most accurate down;
     those whose point gaps already exceed a bound, or that are not useful, are skipped. If none is
     feasible, the one whose largest excess (:meth:`ThresholdChoice.excess`) is smallest is returned, marked
     infeasible; thresholds whose point accuracy beats the majority class come first (deciding nothing sits
@@ -212,9 +217,7 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
     """
     ap = average_precision(y, scores)
     majority = majority_accuracy(float(np.mean(y)))
-    lows = {t: interval.low for t, interval in zip(thresholds, bootstrap_intervals(
-        lambda a, s, c: [accuracy(a, s, t) for t in thresholds], y, scores, groups, resamples=RESAMPLES,
-        confidence=CONFIDENCE, seed=seed))}
+    pvalues = {t: beats_majority_pvalue(y, scores, t) for t in thresholds}
     rows = [(t, accuracy(y, scores, t), {name: GAP_METRICS[name](y, scores, groups, t) for name in bounds})
             for t in thresholds]
     cache: dict[tuple[str, float], float] = {}
@@ -226,18 +229,18 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
         return cache[key]
 
     def choice(t: float, acc: float, gaps: dict[str, float], feasible: bool) -> ThresholdChoice:
-        return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, lows[t], majority,
+        return ThresholdChoice(t, ap, acc, gaps, {name: upper(name, t) for name in bounds}, pvalues[t], majority,
                                feasible)
 
     free = [name for name in bounds if name not in THRESHOLDED]
     if all(upper(name, 0.5) <= bounds[name] for name in free):
         for t, acc, gaps in sorted(rows, key=lambda row: -row[1]):  # stable: ties keep the grid's order
-            if lows[t] > majority and all(gaps[name] <= bound for name, bound in bounds.items()) and \
+            if pvalues[t] < USEFUL_LEVEL and all(gaps[name] <= bound for name, bound in bounds.items()) and \
                     all(upper(name, t) <= bounds[name] for name in bounds if name in THRESHOLDED):
                 return choice(t, acc, gaps, True)
     def distance(row: tuple[float, float, dict[str, float]]) -> tuple[bool, float, float]:
         t, acc, gaps = row
-        return acc <= majority, max(*(gaps[n] - b for n, b in bounds.items()), majority - lows[t]), -acc
+        return acc <= majority, max(*(gaps[n] - b for n, b in bounds.items()), pvalues[t] - USEFUL_LEVEL), -acc
 
     return choice(*min(rows, key=distance), False)
 
@@ -267,7 +270,7 @@ class Trial:
         """This trial as a row of ``front.csv``."""
         row: dict[str, Any] = {"method": self.method, "knob": self.knob or "", "value": self.value,
                                "threshold": self.choice.threshold, "val_ap": self.choice.ap,
-                               "val_accuracy": self.choice.accuracy, "val_accuracy_low": self.choice.accuracy_low,
+                               "val_accuracy": self.choice.accuracy, "val_majority_p": self.choice.majority_p,
                                "val_majority_accuracy": self.choice.majority}
         for name in bounds:
             row[f"val_{name}"] = self.choice.gaps[name]
@@ -490,18 +493,18 @@ def _set_constraints(trial: Any, excess: Mapping[str, float]) -> None:
 
 def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float], split: Any = None) -> str:
     """The one line for a search without a feasible trial: the trial whose largest excess is smallest (of
-    those whose point accuracy beats the majority class, if any), what it misses, and, when its point numbers meet every condition but the intervals' ends do not, that the
-    validation ``split`` (when given: its size and smallest group) is too small to certify them."""
+    those whose point accuracy beats the majority class, if any), what it misses, and, when its point
+    numbers meet every condition but the margins do not, that the validation ``split`` (when given: its size and smallest group) is too small to certify them."""
     closest = min(trials, key=lambda t: (t.choice.accuracy <= t.choice.majority,
                                          max(t.choice.excess(bounds).values())))
     choice = closest.choice
     setting = "" if closest.knob is None else f" {closest.knob}={closest.value:.4g}"
     ends = [f"{n} upper end {choice.upper[n]:.4f} {'>' if choice.upper[n] > b else '<='} {b}"
             for n, b in bounds.items()]
-    ends.append(f"accuracy lower end {choice.accuracy_low:.4f} {'>' if choice.accuracy_low > choice.majority else '<='}"
-                f" majority class {choice.majority:.4f}")
+    ends.append(f"accuracy {choice.accuracy:.4f} against the majority class's {choice.majority:.4f}, sign test p "
+                f"{choice.majority_p:.3g} {'<' if choice.majority_p < USEFUL_LEVEL else '>='} {USEFUL_LEVEL:.3g}")
     line = (f"no candidate of {len(trials)} met every bound and beat the majority class on validation "
-            f"({CONFIDENCE:.0%} bootstrap ends); closest: {closest.method}{setting} at threshold {choice.threshold}: "
+            f"({CONFIDENCE:.0%} bootstrap ends, sign test); closest: {closest.method}{setting} at threshold {choice.threshold}: "
             + ", ".join(ends))
     if all(choice.gaps[n] <= b for n, b in bounds.items()) and choice.accuracy > choice.majority:
         size = "" if split is None else \

@@ -18,6 +18,26 @@ def majority_accuracy(base_rate: float) -> float:
     return max(base_rate, 1.0 - base_rate)
 
 
+def beats_majority_pvalue(y_true: Any, scores: Any, threshold: float = 0.5) -> float:
+    """One-sided exact sign test (McNemar's, exact) that the decisions at ``threshold`` are more accurate
+    than predicting the majority class for everyone: the p-value of "no better".
+
+    The two decide alike except where the model predicts the minority label; there each row is a win (the
+    model is right) or a loss. Under "no better" wins and losses are equally likely, so the p-value is
+    ``P(Binomial(wins + losses, 1/2) >= wins)``; 1.0 when the model never departs from the majority class.
+    Unlike a bootstrap interval it stays exact when the model departs on a handful of rows.
+    """
+    from scipy.stats import binomtest
+
+    labels = np.asarray(y_true, dtype=np.float64)
+    predicted = np.asarray(scores, dtype=np.float64) >= threshold
+    majority = float(np.mean(labels)) >= 0.5
+    departs = predicted != majority
+    wins = int(np.sum(departs & (labels == predicted)))
+    total = int(np.sum(departs))
+    return float(binomtest(wins, total, 0.5, alternative="greater").pvalue) if total else 1.0
+
+
 def useless_model_warnings(
     y_true: Any, scores: Any, threshold: float = 0.5, *, model: str = "the selected model", split: str = "test"
 ) -> list[str]:

@@ -70,22 +70,32 @@ def test_double_backward_through_a_model_works_inside_use_reference() -> None:
         gradient.square().sum().backward()
 
 
+def _model_and_copy(num_groups: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A small network with the layer after its first linear map, and an eager copy of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False),
+                                GroupMixNorm1d(16, num_groups=num_groups, align_quantiles=4),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    return model, copy.deepcopy(model)
+
+
+def _training_step(network: torch.nn.Module, x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One forward and backward with the alignment penalty, from the same seed; the output and how many
+    penalties were collected."""
+    torch.manual_seed(1)
+    with use_groups(groups), collect_alignment() as penalties:
+        out = network(x)
+    (out.square().mean() + sum(penalties)).backward()
+    return out.detach(), len(penalties)
+
+
 def test_a_compiled_model_trains_and_evaluates_as_the_eager_one() -> None:
     """torch.compile traces the layer (its reference path) instead of failing on the fused functions. The
     ``aot_eager`` backend traces forward and backward as inductor would, without compiling C++ kernels."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), GroupMixNorm1d(16, num_groups=2, align_quantiles=4),
-                                torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    eager = copy.deepcopy(model)
+    model, eager = _model_and_copy(num_groups=2)
     compiled = torch.compile(model, backend="aot_eager")
     x, groups = torch.randn(64, 8), torch.randint(0, 2, (64,))
-    outputs = []
-    for network in (compiled, eager):
-        torch.manual_seed(1)
-        with use_groups(groups), collect_alignment() as penalties:
-            out = network(x)
-        (out.square().mean() + sum(penalties)).backward()
-        outputs.append(out.detach())
+    outputs = [_training_step(network, x, groups)[0] for network in (compiled, eager)]
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
     for (name, a), b in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
@@ -98,20 +108,11 @@ def test_a_compiled_training_step_is_one_graph_with_the_eager_numbers(ids: list[
     """``fullgraph=True`` fails on any graph break: the layer's checks, group-table fallback, mixing draw,
     running statistics and the blocks' values (use_groups, collect_alignment) trace without reading a
     number back. A group of one sample takes the batch fallback, inside the graph too."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), GroupMixNorm1d(16, num_groups=3, align_quantiles=4),
-                                torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    eager = copy.deepcopy(model)
+    model, eager = _model_and_copy(num_groups=3)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(65, 8)
     groups = torch.cat([torch.randint(0, 2, (64,)), torch.tensor([ids[-1]])])
-    results = []
-    for network in (compiled, eager):
-        torch.manual_seed(1)
-        with use_groups(groups), collect_alignment() as penalties:
-            out = network(x)
-        (out.square().mean() + sum(penalties)).backward()
-        results.append((out.detach(), len(penalties)))
+    results = [_training_step(network, x, groups) for network in (compiled, eager)]
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
     assert results[0][1] == results[1][1] == 1
     for (name, a), b in zip(model.state_dict().items(), eager.state_dict().values()):

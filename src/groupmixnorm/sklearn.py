@@ -342,8 +342,8 @@ class FairSearchCV(_NetworkClassifier):
     line's constrained search (:func:`groupmixnorm.experiments.constraint.search`): each candidate method's
     fairness knob is searched by a seeded Optuna sampler, ``budget`` trials per method, and for each trial
     one global decision threshold is chosen on validation. A trial is feasible when, for every bound, the
-    upper end of the 95 % stratified bootstrap interval of its validation gap is at most the bound, and the
-    lower end of the interval of its validation accuracy is above the majority-class accuracy. The
+    upper end of the 95 % stratified bootstrap interval of its validation gap is at most the bound, and an
+    exact one-sided sign test says its validation decisions beat the majority class (p < 0.025). The
     feasible trial with the best validation ``select`` is kept; prediction needs no protected attribute.
 
     Parameters

@@ -387,7 +387,8 @@ def _run_constrained(args: argparse.Namespace) -> int:
     table.to_csv(args.out / "front.csv", index=False)
     constraint.plot_front(table, bounds, select, args.out / "front.png")
     if result.chosen is None:
-        print(f"groupmixnorm train: error: {constraint.closest_message(result.trials, bounds, data.val)}", file=sys.stderr)
+        message = constraint.closest_message(result.trials, bounds, data.val)
+        print(f"groupmixnorm train: error: {message}", file=sys.stderr)
         return NO_FEASIBLE_EXIT
     seed = spec.config.seed
     warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), result.chosen.choice.threshold)

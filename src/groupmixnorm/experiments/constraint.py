@@ -208,12 +208,14 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
     a decision that is not surely better than predicting the common label for everyone meets a
     thresholded gap by deciding (almost) nothing, which is no model at all. (A bootstrap interval of the
     accuracy is no test here: a decision that departs from the majority class on four rows, all right,
-    has a lower end above the majority's, though four fair coins all land heads once in sixteen.) Thresholds are tried from the most accurate down;
-    those whose point gaps already exceed a bound, or that are not useful, are skipped. If none is
-    feasible, the one whose largest excess (:meth:`ThresholdChoice.excess`) is smallest is returned, marked
-    infeasible; thresholds whose point accuracy beats the majority class come first (deciding nothing sits
-    near every bound but is no nearer a model of use). AP does not depend on the threshold, nor do the threshold-free gaps: those are bootstrapped
-    once, first, and if one misses its bound no threshold is feasible.
+    has a lower end above the majority's, though four fair coins all land heads once in sixteen.)
+
+    Thresholds are tried from the most accurate down; those whose point gaps already exceed a bound, or
+    that are not useful, are skipped. If none is feasible, the one whose largest excess
+    (:meth:`ThresholdChoice.excess`) is smallest is returned, marked infeasible; thresholds whose point
+    accuracy beats the majority class come first (deciding nothing sits near every bound but is no nearer
+    a model of use). AP does not depend on the threshold, nor do the threshold-free gaps: those are
+    bootstrapped once, first, and if one misses its bound no threshold is feasible.
     """
     ap = average_precision(y, scores)
     majority = majority_accuracy(float(np.mean(y)))
@@ -238,6 +240,7 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, boun
             if pvalues[t] < USEFUL_LEVEL and all(gaps[name] <= bound for name, bound in bounds.items()) and \
                     all(upper(name, t) <= bounds[name] for name in bounds if name in THRESHOLDED):
                 return choice(t, acc, gaps, True)
+
     def distance(row: tuple[float, float, dict[str, float]]) -> tuple[bool, float, float]:
         t, acc, gaps = row
         return acc <= majority, max(*(gaps[n] - b for n, b in bounds.items()), pvalues[t] - USEFUL_LEVEL), -acc
@@ -494,7 +497,8 @@ def _set_constraints(trial: Any, excess: Mapping[str, float]) -> None:
 def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float], split: Any = None) -> str:
     """The one line for a search without a feasible trial: the trial whose largest excess is smallest (of
     those whose point accuracy beats the majority class, if any), what it misses, and, when its point
-    numbers meet every condition but the margins do not, that the validation ``split`` (when given: its size and smallest group) is too small to certify them."""
+    numbers meet every condition but the margins do not, that the validation ``split`` (when given: its
+    size and smallest group) is too small to certify them."""
     closest = min(trials, key=lambda t: (t.choice.accuracy <= t.choice.majority,
                                          max(t.choice.excess(bounds).values())))
     choice = closest.choice
@@ -504,8 +508,8 @@ def closest_message(trials: Sequence[Trial], bounds: Mapping[str, float], split:
     ends.append(f"accuracy {choice.accuracy:.4f} against the majority class's {choice.majority:.4f}, sign test p "
                 f"{choice.majority_p:.3g} {'<' if choice.majority_p < USEFUL_LEVEL else '>='} {USEFUL_LEVEL:.3g}")
     line = (f"no candidate of {len(trials)} met every bound and beat the majority class on validation "
-            f"({CONFIDENCE:.0%} bootstrap ends, sign test); closest: {closest.method}{setting} at threshold {choice.threshold}: "
-            + ", ".join(ends))
+            f"({CONFIDENCE:.0%} bootstrap ends, sign test); closest: {closest.method}{setting} at threshold "
+            f"{choice.threshold}: " + ", ".join(ends))
     if all(choice.gaps[n] <= b for n, b in bounds.items()) and choice.accuracy > choice.majority:
         size = "" if split is None else \
             f" ({len(split)} rows, smallest group {int(np.unique(split.a, return_counts=True)[1].min())})"

@@ -197,8 +197,8 @@ def constraint_markdown(runs: Sequence[ConstraintRun], records: Sequence[dict[st
         "row: every candidate method's fairness knob searched by seeded TPE on validation, "
         f"{runs[0].budget} trials per method ({budget}), one global decision threshold chosen on validation. "
         f"A trial is feasible when the upper end of the 95% bootstrap interval of its validation {gap} is at most "
-        f"{bound} and the lower end of the 95% interval of its validation accuracy is above the majority-class "
-        f"accuracy; the feasible trial of best validation {SELECT} is chosen. The test split is read once per "
+        f"{bound} and an exact one-sided sign test says its validation decisions beat the majority class "
+        f"(p < {constraint.USEFUL_LEVEL:.3g}); the feasible trial of best validation {SELECT} is chosen. The test split is read once per "
         f"search, for its choice. Candidates ({candidates}): {methods}.",
         "",
         f"**Best single method**: among the methods of `tabular.md` (ERM included, thresholdopt left out: it "
@@ -206,7 +206,7 @@ def constraint_markdown(runs: Sequence[ConstraintRun], records: Sequence[dict[st
         f"{gap} <= {bound} on every seed. The verdicts are paired comparisons over seeds with the best (by the "
         "verdict's own score) of those that met it on every seed the search met it on; a difference inside the "
         "95% interval is a tie. The single methods' choice uses the point validation gap and does not ask for "
-        "a decision better than the majority class; the search's uses the intervals' ends, a stricter rule. The "
+        "a decision better than the majority class; the search's uses the margins, a stricter rule. The "
         "single methods decide at threshold 0.5, as the tabular bench does, while the search chooses one global "
         "threshold under the bound.",
         "",
@@ -284,5 +284,6 @@ def write_constraint_results(runs: Sequence[ConstraintRun], records: Sequence[di
 
     table = results_table(runs, records)
     singles = single_method_choices(results_dir, sorted({run.dataset for run in runs}))
+    markdown = constraint_markdown(runs, records, table, singles, command)
     return [write_csv_atomic(table, Path(results_dir) / NAME / "runs.csv"),
-            write_text_atomic(Path(results_dir) / f"{NAME}.md", constraint_markdown(runs, records, table, singles, command))]
+            write_text_atomic(Path(results_dir) / f"{NAME}.md", markdown)]

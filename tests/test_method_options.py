@@ -35,8 +35,10 @@ def test_choices_are_checked_when_a_method_is_constructed_directly() -> None:
 
 
 def test_range_checks_stay_with_their_methods() -> None:
-    with pytest.raises(ValueError, match="align and align_quantiles must be >= 0"):
+    with pytest.raises(ValueError, match="align, align_quantiles and align_projections must be >= 0"):
         make_method("gmn", align=-1.0)
+    with pytest.raises(ValueError, match="got 1.0, 16 and -2"):
+        make_method("gmn", align=1.0, align_projections=-2)
     with pytest.raises(ValueError, match="tol must be in"):
         make_method("thresholdopt", tol=1.0)
 

@@ -77,8 +77,9 @@ class BenchPlan:
 
 def protocol_sampling(options: dict[str, Any]) -> str:
     """The batches the Fair Mixup protocol gives a setting: per group and label for equalized-odds
-    settings, per group otherwise."""
-    return "group_label" if options.get("fairness") == "eo" else "group"
+    settings and for mixing within labels, per group otherwise."""
+    by_label = options.get("fairness") == "eo" or options.get("mix_within") == "label"
+    return "group_label" if by_label else "group"
 
 
 def run_label(spec: RunSpec, plan_select: str | None = None) -> str:
@@ -108,10 +109,23 @@ def _gmn(*, sampling: str | None = None, **options: Any) -> Setting:
     return Setting("gmn", options, sampling or protocol_sampling(options))
 
 
+#: The layer's own chances, on tabular data and on images alike: the paper's layer only in the first block,
+#: mixing only within each label, and every layer with a quantile penalty on its input per channel or along
+#: random directions of the channels (a sliced distance).
+LAYER_CHANCES: tuple[Setting, ...] = (
+    _gmn(placement="first"),
+    _gmn(mix_within="label"),
+    _gmn(align=1.0, align_quantiles=16),
+    _gmn(align=1.0, align_quantiles=16, align_projections=16),
+)
+
+
 #: GroupMixNorm settings of the Adult bench. The first block is the paper's layer in its variants (no
 #: penalty), evaluated with population, group (needs the attribute) and posterior statistics; then
 #: alignment at the hidden layers; then the layer on the logit with the alignment weight swept, its quantile variant (the default: align=1, 16 quantiles), the no-mixing ablation, and the
-#: equalized-odds variants, on per-label batches as the protocol has it and on group-balanced ones.
+#: equalized-odds variants, on per-label batches as the protocol has it and on group-balanced ones; last,
+#: the layer's own chances: only after the first block, mixing within each label, and a per-channel or a
+#: sliced (random directions) quantile penalty on every layer's input.
 ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     _gmn(),
     _gmn(mix="pairwise"),
@@ -130,6 +144,9 @@ ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     *(_gmn(placement="logit", align=weight, fairness="eo", p=0.0) for weight in (10.0, 30.0)),
     *(_gmn(placement="logit", align=weight, fairness="eo", sampling="group") for weight in (3.0, 10.0, 30.0)),
     *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo", sampling="group") for weight in (1.0, 3.0)),
+    *LAYER_CHANCES,
+    _gmn(align=3.0, align_quantiles=16),
+    _gmn(align=3.0, align_quantiles=16, align_projections=16),
 )
 
 
@@ -228,6 +245,7 @@ def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
         _gmn(p=0.0),
         *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0)),
         *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 3.0)),
+        *LAYER_CHANCES,
         Setting("expgrad", {"fairness": "dp"}),
         Setting("expgrad", {"fairness": "eo"}, protocol_sampling({"fairness": "eo"})),  # sampling unused; the label stays plain
     )

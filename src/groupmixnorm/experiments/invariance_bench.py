@@ -31,6 +31,12 @@ SETTINGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0}, "the paper's layer after every hidden layer"),
     ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0, "eval_mode": "posterior"},
      "the paper's layer, evaluated with posterior group statistics"),
+    ("gmn", {"placement": "all", "align": 0.0, "align_quantiles": 0, "eval_mode": "group"},
+     "the paper's layer, evaluated with each row's own group statistics as in training (reads the attribute)"),
+    ("gmn", {"placement": "all", "align": 1.0, "align_quantiles": 16},
+     "every layer with a per-channel quantile penalty on its input"),
+    ("gmn", {"placement": "all", "align": 1.0, "align_quantiles": 16, "align_projections": 16},
+     "every layer with a sliced quantile penalty (16 random directions) on its input"),
 )
 SUMMARY_LAYERS = ("probe_balanced_accuracy", "probe_auc", "mmd", "mmd_p_value")
 

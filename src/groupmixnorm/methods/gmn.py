@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from groupmixnorm.methods.base import FAIRNESS_CHOICES, Batch, Method, ModelSpec, Sampling, binary_cross_entropy, option
 from groupmixnorm.methods.models import build_network
-from groupmixnorm.nn import collect_alignment, use_groups
+from groupmixnorm.nn import collect_alignment, mix_within, use_groups
 
 
 @dataclass
@@ -31,6 +31,9 @@ class GroupMixNormMethod(Method):
     mix: str = option("shared", "how group statistics are mixed", choices=("shared", "pairwise"))
     alpha: float = option(1.0, "concentration of the Dirichlet/Beta mixing weights")
     p: float = option(1.0, "probability that a training batch is mixed (else treated as one group)")
+    mix_within: str = option("none", "mix the groups' statistics over the whole batch (none) or only within each "
+                             "label (label: groups alike within each label, for equalized odds)",
+                             choices=("none", "label"))
     placement: str = option(
         "logit", "where the layers go: logit (one layer on the output itself), all hidden blocks, the first or last "
         "block, head (the output layer's input), or a comma-separated list of block indices (from 0), head and "
@@ -42,30 +45,36 @@ class GroupMixNormMethod(Method):
     align: float = option(1.0, "weight of the alignment penalty (the fairness knob): group statistics at each layer's input")
     align_covariance: bool = option(False, "alignment also compares channel covariances")
     align_quantiles: int = option(16, "if > 0, alignment compares this many quantiles per channel (whole distributions)")
+    align_projections: int = option(0, "if > 0, alignment compares quantiles along this many random directions of "
+                                    "the channels (a sliced distance) instead of per channel")
     fairness: str = option("dp", "what alignment targets: dp (groups alike) or eo (groups alike within each label)",
                            choices=FAIRNESS_CHOICES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.align < 0 or self.align_quantiles < 0:
-            raise ValueError(f"align and align_quantiles must be >= 0, got {self.align} and {self.align_quantiles}")
+        if self.align < 0 or self.align_quantiles < 0 or self.align_projections < 0:
+            raise ValueError(f"align, align_quantiles and align_projections must be >= 0, got {self.align}, "
+                             f"{self.align_quantiles} and {self.align_projections}")
 
     def batch_sampling(self) -> Sampling:
-        """Shuffled batches, or per group and label when aligning for equalized odds."""
-        return "group_label" if self.fairness == "eo" and self.align > 0 else "random"
+        """Shuffled batches, or per group and label when aligning for equalized odds or mixing within labels."""
+        by_label = (self.fairness == "eo" and self.align > 0) or self.mix_within == "label"
+        return "group_label" if by_label else "random"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         layer_options = {
             "mix": self.mix, "alpha": self.alpha, "p": self.p, "eval_mode": self.eval_mode,
             "output_scale": self.output_scale, "momentum": self.momentum,
             "align_covariance": self.align_covariance, "align_quantiles": self.align_quantiles,
+            "align_projections": self.align_projections,
         }
         return build_network(spec, norm="groupmixnorm", placement=self.placement, norm_options=layer_options)
 
     def training_loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         condition = batch.y.long() if self.fairness == "eo" else None
         collecting = collect_alignment(condition) if self.align > 0 else nullcontext([])
-        with use_groups(batch.a), collecting as penalties:
+        strata = batch.y.long() if self.mix_within == "label" else None
+        with use_groups(batch.a), mix_within(strata), collecting as penalties:
             logits = model(batch.x).squeeze(-1)
         bce = binary_cross_entropy(logits, batch.y)
         if not penalties:

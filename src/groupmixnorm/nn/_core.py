@@ -79,6 +79,17 @@ def batch_moments(counts: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Te
     return batch_mean, shares @ ((mean - batch_mean).square() + var)
 
 
+def combined_moments(counts: Tensor, means: Tensor, variances: Tensor) -> GroupMoments:
+    """Group moments over several parts (processes, or strata of one batch) from each part's counts
+    ``(P, G)``, means and biased variances ``(P, G, C)``, by the law of total variance; the batch's follow
+    from the groups' as in every layer. A group absent from a part (count 0) takes nothing from it."""
+    total = counts.sum(0)
+    shares = (counts / total.clamp_min(1)).unsqueeze(2)
+    mean = (shares * means).sum(0)
+    var = (shares * (variances + (means - mean).square())).sum(0)
+    return GroupMoments(total, mean, var, *batch_moments(total, mean, var))
+
+
 def batch_reference(moments: GroupMoments, eps: float) -> tuple[Tensor, Tensor]:
     """The batch's mean and standard deviation ``sqrt(var + eps)``, ``(C,)`` each."""
     return moments.batch_mean, torch.sqrt(moments.batch_var + eps)

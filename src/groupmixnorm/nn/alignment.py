@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from groupmixnorm.nn._core import GroupMoments, eligible_groups, values_per_sample
+from groupmixnorm.nn._core import GroupMoments, broadcast_rows, eligible_groups, values_per_sample
 from groupmixnorm.nn._kernels import group_moments
 
 
@@ -22,7 +22,8 @@ def _group_shares(counts: Tensor) -> Tensor:
 
 
 def alignment_penalty(
-    x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, covariance: bool = False, quantiles: int = 0
+    x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, covariance: bool = False, quantiles: int = 0,
+    projections: int = 0,
 ) -> Tensor:
     """How far the groups' statistics of ``x`` are from the batch's, in batch-standardized units.
 
@@ -38,7 +39,14 @@ def alignment_penalty(
     Equal means and deviations leave the shapes free, and a confident classifier's scores differ between
     groups through their shapes; on a single channel (the logit) matching quantiles bounds every
     demographic-parity gap.
+
+    With ``projections=k > 0`` the quantiles (``quantiles`` of them, 16 if 0) are compared along ``k``
+    random directions of the batch-standardized channels instead of along the channels
+    (:func:`sliced_alignment_penalty`): a group difference spread thinly over many correlated channels
+    adds up along a direction, where every single channel's share of it is small.
     """
+    if projections > 0:
+        return sliced_alignment_penalty(x, groups, moments, eps=eps, directions=projections, levels=quantiles or 16)
     if quantiles > 0:
         return quantile_alignment_penalty(x, groups, moments, eps=eps, levels=quantiles)
     shares = _group_shares(moments.counts)
@@ -53,7 +61,7 @@ def alignment_penalty(
 
 def conditional_alignment_penalty(
     x: Tensor, groups: Tensor, num_groups: int, condition: Tensor, *, eps: float, covariance: bool = False,
-    quantiles: int = 0,
+    quantiles: int = 0, projections: int = 0,
 ) -> Tensor:
     """:func:`alignment_penalty` within each value of ``condition`` (the label, for equalized odds), the
     parts weighted by their shares of the batch; values held by fewer than two samples are skipped."""
@@ -66,7 +74,8 @@ def conditional_alignment_penalty(
         moments = group_moments(x[members], groups[members], num_groups)
         share = members.to(x.dtype).mean()
         total = total + share * alignment_penalty(
-            x[members], groups[members], moments, eps=eps, covariance=covariance, quantiles=quantiles
+            x[members], groups[members], moments, eps=eps, covariance=covariance, quantiles=quantiles,
+            projections=projections,
         )
     return total
 
@@ -88,6 +97,21 @@ def quantile_alignment_penalty(x: Tensor, groups: Tensor, moments: GroupMoments,
     batch_std = torch.sqrt(moments.batch_var + eps).view(-1, 1, 1)
     distance = ((group_quantiles - batch_quantiles) / batch_std).pow(2).mean(dim=(0, 2))  # (G,)
     return (_group_shares(moments.counts) * distance).sum()
+
+
+def sliced_alignment_penalty(
+    x: Tensor, groups: Tensor, moments: GroupMoments, *, eps: float, directions: int, levels: int
+) -> Tensor:
+    """:func:`quantile_alignment_penalty` of the projections of the batch-standardized ``x`` on
+    ``directions`` random unit vectors of channel space: a sliced Wasserstein-2 distance between each
+    group's and the batch's distribution. The directions are drawn anew on every call, from torch's
+    global generator, so over training they cover the space."""
+    standardized = (x - broadcast_rows(moments.batch_mean, x)) / broadcast_rows(torch.sqrt(moments.batch_var + eps), x)
+    basis = torch.randn(x.shape[1], directions, dtype=x.dtype, device=x.device)
+    basis = basis / basis.norm(dim=0, keepdim=True)
+    projected = torch.einsum("nc...,ck->nk...", standardized, basis)  # (N, directions, *)
+    projected_moments = group_moments(projected, groups, moments.counts.shape[0])
+    return quantile_alignment_penalty(projected, groups, projected_moments, eps=eps, levels=levels)
 
 
 def _quantile_positions(

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import alignment
 from groupmixnorm.nn import functional as F
-from groupmixnorm.nn._core import GroupMoments, batch_reference, values_per_sample
-from groupmixnorm.nn.routing import active_penalty_collector, current_groups, reference_requested
+from groupmixnorm.nn._core import GroupMoments, batch_reference, combined_moments, values_per_sample
+from groupmixnorm.nn.routing import active_penalty_collector, current_groups, current_strata, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
 EvalMode = Literal["population", "group", "posterior"]
@@ -52,12 +52,16 @@ class _GroupMixNorm(nn.Module):
         eval_mode: EvalMode = "population",
         align_covariance: bool = False,
         align_quantiles: int = 0,
+        align_projections: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         _check_options(num_features, num_groups, mix, alpha, p, eps, momentum, output_scale, eval_mode,
                        track_running_stats)
+        for name, count in (("align_quantiles", align_quantiles), ("align_projections", align_projections)):
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {count!r}")
         self.num_features = num_features
         self.num_groups = num_groups
         self.mix = mix
@@ -71,6 +75,7 @@ class _GroupMixNorm(nn.Module):
         self.eval_mode = eval_mode
         self.align_covariance = align_covariance
         self.align_quantiles = align_quantiles
+        self.align_projections = align_projections
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -169,8 +174,11 @@ class _GroupMixNorm(nn.Module):
         if total < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in training, got {tuple(x.shape)}")
         collector = active_penalty_collector()
+        strata = current_strata()
         mix = self._mix_this_batch()
-        if mix and self.mix == "shared" and self._may_fuse():
+        if mix and strata is not None:
+            out, moments = self._stratified_step(x, groups, self._checked_strata(strata, x), table_size, weight, bias)
+        elif mix and self.mix == "shared" and self._may_fuse():
             out, moments = self._fused_shared_step(x, groups, table_size, weight, bias, total, collector is not None)
         else:
             moments, mixing, segments = self._moments_and_mixing(x, groups, table_size, mix)
@@ -206,6 +214,37 @@ class _GroupMixNorm(nn.Module):
         if self.track_running_stats:
             self._update_running_stats(batch.moments, (batch.mixed_mean, batch.mixed_std), all_eligible, total)
         return out, moments
+
+    def _stratified_step(
+        self, x: Tensor, groups: Tensor, strata: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor, GroupMoments]:
+        """Mixing within strata (:func:`~groupmixnorm.nn.mix_within`): every (stratum, group) cell is a group
+        of the table, and each sample mixes only its stratum's cells, with one Dirichlet draw per stratum.
+
+        Returns the output and the groups' moments over the whole batch (what the running statistics and
+        the alignment penalty use, as without strata)."""
+        if self.mix != "shared":
+            raise ValueError(f"{type(self).__name__} mixes within strata only with mix='shared', got mix={self.mix!r}")
+        num_strata = int(strata.max()) + 1
+        cells = strata * table_size + groups
+        cell_moments, segments = self._group_moments(x, cells, num_strata * table_size)
+        self._check_finite(cell_moments, x)
+        cell_counts = cell_moments.counts.view(num_strata, table_size)
+        per_stratum = [F.shared_mixing_weights(counts, self.alpha) for counts in cell_counts]  # (G,) each
+        mixing = torch.block_diag(*per_stratum)[strata]  # (N, S * G): each sample's stratum's mixture
+        out = self._normalize(x, cells, mixing, cell_moments, segments, weight, bias)
+        moments = self._merged_strata(cell_moments, num_strata)
+        if self.track_running_stats:
+            self._update_running_stats(moments.detach(), self._mixed_values(mixing, cell_moments.detach()))
+        return out, moments
+
+    @staticmethod
+    def _merged_strata(cell_moments: GroupMoments, num_strata: int) -> GroupMoments:
+        """The groups' moments over the whole batch from those of its (stratum, group) cells."""
+        channels = cell_moments.mean.shape[1]
+        counts = cell_moments.counts.view(num_strata, -1)
+        return combined_moments(counts, cell_moments.mean.view(num_strata, -1, channels),
+                                cell_moments.var.view(num_strata, -1, channels))
 
     def _moments_and_mixing(
         self, x: Tensor, groups: Tensor, table_size: int, mix: bool
@@ -274,7 +313,8 @@ class _GroupMixNorm(nn.Module):
         self, x: Tensor, groups: Tensor, moments: GroupMoments, table_size: int, condition: Tensor | None
     ) -> Tensor:
         """The alignment penalty of this input, or its share-weighted average within each condition value."""
-        options = {"eps": self.eps, "covariance": self.align_covariance, "quantiles": self.align_quantiles}
+        options = {"eps": self.eps, "covariance": self.align_covariance, "quantiles": self.align_quantiles,
+                   "projections": self.align_projections}
         if condition is None:
             return alignment.alignment_penalty(x, groups, moments, **options)
         return alignment.conditional_alignment_penalty(x, groups, table_size, condition, **options)
@@ -426,16 +466,7 @@ class _GroupMixNorm(nn.Module):
 
     def _checked_groups(self, groups: Tensor, x: Tensor) -> tuple[Tensor, int]:
         """The validated ids as ``long`` on ``x``'s device, and the size of the statistics table they need."""
-        if not isinstance(groups, Tensor):
-            raise ValueError(f"groups must be a torch.Tensor of integer ids, got {type(groups).__name__}")
-        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-            raise ValueError(f"groups must have an integer dtype (e.g. torch.long), got {groups.dtype}")
-        if groups.dim() != 1 or groups.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"groups must have shape (N,) = ({x.shape[0]},) to match the batch, got {tuple(groups.shape)}"
-            )
-        if groups.dtype != torch.long or groups.device != x.device:
-            groups = groups.to(device=x.device, dtype=torch.long)
+        groups = _per_sample_ids(groups, x, "groups")
         if groups.numel() == 0:
             return groups, self.num_groups if self.num_groups is not None else 1
         if self.num_groups is not None and torch.compiler.is_compiling():
@@ -449,6 +480,26 @@ class _GroupMixNorm(nn.Module):
                 f"group id {largest} is out of range for num_groups={self.num_groups} (valid ids are 0..{self.num_groups - 1})"
             )
         return groups, self.num_groups if self.num_groups is not None else largest + 1
+
+    def _checked_strata(self, strata: Tensor, x: Tensor) -> Tensor:
+        """The validated strata of :func:`~groupmixnorm.nn.mix_within`, as ``long`` on ``x``'s device."""
+        strata = _per_sample_ids(strata, x, "mix_within strata")
+        if strata.numel() and int(strata.min()) < 0:
+            raise ValueError(f"mix_within strata must be non-negative integers, got {int(strata.min())}")
+        return strata
+
+
+def _per_sample_ids(ids: Tensor, x: Tensor, name: str) -> Tensor:
+    """``ids`` checked to be one integer per sample of ``x``, as ``long`` on ``x``'s device."""
+    if not isinstance(ids, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype (e.g. torch.long), got {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have shape (N,) = ({x.shape[0]},) to match the batch, got {tuple(ids.shape)}")
+    if ids.dtype != torch.long or ids.device != x.device:
+        ids = ids.to(device=x.device, dtype=torch.long)
+    return ids
 
 
 def _in_float32(function: Callable[..., Tensor], x: Tensor, *args: object) -> Tensor:
@@ -530,6 +581,8 @@ class GroupMixNorm1d(_GroupMixNorm):
             per-channel means and deviations.
         align_quantiles: if positive, the alignment penalty compares this many quantiles of every channel
             (whole distributions) instead of means and deviations.
+        align_projections: if positive, the alignment penalty compares quantiles along this many random
+            directions of the channels (a sliced distance, redrawn every batch) instead of along each channel.
 
     Degenerate batches: an absent group takes no weight; a group with fewer than two values per channel is
     normalized with the batch statistics and takes no weight; a batch with one group is batch

@@ -26,10 +26,12 @@ class AlignmentPenalties(list):
 
 
 class _Blocks(threading.local):
-    """What the innermost blocks of this thread set: the group ids, the penalty collector, the reference flag."""
+    """What the innermost blocks of this thread set: the group ids, the strata to mix within, the penalty
+    collector, the reference flag."""
 
     def __init__(self) -> None:
         self.groups: Tensor | None = None
+        self.strata: Tensor | None = None
         self.collector: AlignmentPenalties | None = None
         self.reference = False
 
@@ -68,6 +70,30 @@ def use_groups(groups: Tensor | None) -> Iterator[None]:
 def current_groups() -> Tensor | None:
     """The ids set by the innermost :func:`use_groups` block, or ``None`` outside any block."""
     return _BLOCKS.groups
+
+
+@contextmanager
+def mix_within(strata: Tensor | None) -> Iterator[None]:
+    """Make every GroupMixNorm layer trained inside the block mix the groups' statistics only within each
+    value of ``strata`` (an ``(N,)`` integer tensor, e.g. the labels).
+
+    Each stratum's groups are normalized with their own statistics *in that stratum* and re-scaled with a
+    Dirichlet mixture of them, drawn per stratum: within each label every group leaves with the same mean
+    and deviation, while the labels keep their differences (demographic parity would erase them; this
+    targets equalized odds). Evaluation is unchanged. ``mix_within(None)`` hides an outer value.
+
+    Examples
+    --------
+    >>> with use_groups(a), mix_within(y.long()):
+    ...     logits = model(x)
+    """
+    with _setting("strata", strata):
+        yield
+
+
+def current_strata() -> Tensor | None:
+    """The strata set by the innermost :func:`mix_within` block, or ``None`` outside any block."""
+    return _BLOCKS.strata
 
 
 @contextmanager

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 
 from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import functional as F
-from groupmixnorm.nn._core import GroupMoments, batch_moments, values_per_sample
+from groupmixnorm.nn._core import GroupMoments, combined_moments, values_per_sample
 from groupmixnorm.nn.modules import _GroupMixNorm
 
 #: Constructor options of a GroupMixNorm layer, copied by :func:`convert_sync_groupmixnorm`.
 _LAYER_OPTIONS = (
     "num_groups", "mix", "alpha", "p", "eps", "momentum", "affine", "track_running_stats", "output_scale",
-    "eval_mode", "align_covariance", "align_quantiles",
+    "eval_mode", "align_covariance", "align_quantiles", "align_projections",
 )
 
 
@@ -115,6 +115,12 @@ class SyncGroupMixNorm(_GroupMixNorm):
         self._check_finite(moments, x)  # the moments are summed over all processes, so every one raises alike
         return moments, F.weights_from_gamma(gamma, moments.counts) if mix else None, segments
 
+    def _stratified_step(self, x: Tensor, *args: Any) -> tuple[Tensor, GroupMoments]:
+        if self._is_distributed():
+            raise ValueError("SyncGroupMixNorm does not mix within strata (mix_within) across processes; "
+                             "train without mix_within, or in one process")
+        return super()._stratified_step(x, *args)
+
     def _alignment(
         self, x: Tensor, groups: Tensor, moments: GroupMoments, table_size: int, condition: Tensor | None
     ) -> Tensor:
@@ -156,23 +162,13 @@ class SyncGroupMixNorm(_GroupMixNorm):
         every = _AllGather.apply(packed.unsqueeze(0), self.process_group, [1] * world)
         counts, means, variances, draws = every.split([table_size, table_size * channels, table_size * channels,
                                                        table_size + 1], dim=1)
-        moments = _combined_moments(counts.detach(), means.view(world, table_size, channels),
+        moments = combined_moments(counts.detach(), means.view(world, table_size, channels),
                                     variances.view(world, table_size, channels))
         draws = draws[0].detach()
         return bool(draws[-1] > 0.5), draws[:-1], moments, segments
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", process_group={self.process_group}"
-
-
-def _combined_moments(counts: Tensor, means: Tensor, variances: Tensor) -> GroupMoments:
-    """Group moments of all processes from each one's counts ``(P, G)``, means and biased variances
-    ``(P, G, C)``, by the law of total variance; the batch's follow from the groups' as in every layer."""
-    total = counts.sum(0)
-    shares = (counts / total.clamp_min(1)).unsqueeze(2)
-    mean = (shares * means).sum(0)
-    var = (shares * (variances + (means - mean).square())).sum(0)
-    return GroupMoments(total, mean, var, *batch_moments(total, mean, var))
 
 
 def convert_sync_groupmixnorm(module: nn.Module, process_group: Any = None) -> nn.Module:

@@ -51,8 +51,8 @@ def _add_bench_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--data-dir", type=Path, default=None, help="celeba: the folder in the official layout")
     bench.add_argument("--target", default=None, help="celeba: the attribute to predict [default: Smiling]")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_executor_options(bench, "runs of the adult, celeba, colored-digits and tabular benches, and the trials of "
-                          "fair-by-constraint")
+    _add_executor_options(bench, "runs of the adult, celeba, colored-digits, textured-digits and tabular benches, "
+                          "and the trials of fair-by-constraint")
     _add_threads(bench)
     bench.set_defaults(handler=_run_bench)
 

@@ -32,6 +32,7 @@ DATASET_DEFAULTS = {
     "credit": DatasetDefaults("sex", "200,200", ("split_seed",)),
     "law": DatasetDefaults("race", "200,200", ("split_seed",)),
     "colored-digits": DatasetDefaults("color", "16,32", ("bias",)),
+    "textured-digits": DatasetDefaults("texture", "16,32,64", ("bias",)),
     "celeba": DatasetDefaults("Male", "32,64,128,128", ("data_dir", "target", "image_size")),
     # Any table: --csv FILE names the dataset; --sensitive is required (no column is a safe guess).
     "csv": DatasetDefaults("", "200,200", ("csv", "label", "positive", "drop", "test_size", "split_seed", "strict")),
@@ -66,14 +67,14 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
 
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=None,
-                      help="adult, german, compas, credit, law (bundled tables), colored-digits (built from "
-                      "scikit-learn's digits), celeba (--data-dir), csv (--csv FILE) "
+                      help="adult, german, compas, credit, law (bundled tables), colored-digits and "
+                      "textured-digits (built from scikit-learn's digits), celeba (--data-dir), csv (--csv FILE) "
                       "[default: adult, or csv when --csv is given]")
     data.add_argument("--sensitive", default=None,
                       help="protected attribute: sex, race or sex*race (adult; default sex), age (<=25) or sex "
                       "(german; default age), race (African-American vs Caucasian), race6 or sex (compas; default "
                       "race), sex (credit), race (White vs non-White) or sex (law; default race), color "
-                      "(colored-digits), an attribute name such as Male (celeba; default Male), a column name, or "
+                      "(colored-digits), texture (textured-digits), an attribute name such as Male (celeba; default Male), a column name, or "
                       "several comma-separated such as sex,race, whose combinations of values are the groups "
                       "(\"female & black\"; csv; required)")
     data.add_argument("--data-dir", dest="data_data_dir", type=Path, default=None, metavar="DIR",
@@ -83,8 +84,8 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", dest="data_image_size", type=int, default=None, metavar="PIXELS",
                       help="celeba: side of the square images after center crop and resize [default: 64]")
     data.add_argument("--bias", dest="data_bias", type=float, default=None, metavar="PROBABILITY",
-                      help="colored-digits: probability that color agrees with the label in train and "
-                      "validation [default: 0.9]")
+                      help="colored-digits, textured-digits: probability that color (texture) agrees with the "
+                      "label in train and validation [default: 0.9]")
     data.add_argument("--csv", dest="data_csv", type=Path, default=None, metavar="FILE",
                       help="train on any table: a CSV file with a header row (with --label and --sensitive)")
     data.add_argument("--label", dest="data_label", default=None, metavar="COL", help="csv: the column to predict")
@@ -197,7 +198,8 @@ def _add_config_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="Adam weight decay")
     group.add_argument("--hidden", default=None, metavar="WIDTHS",
                        help="hidden layer widths, comma-separated; for images the CNN's channels per block "
-                       "[default: tables 200,200, colored-digits 16,32, celeba 32,64,128,128]")
+                       "[default: tables 200,200, colored-digits 16,32, textured-digits 16,32,64, celeba "
+                       "32,64,128,128]")
     group.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed for torch, numpy and batch order")
     group.add_argument("--select", choices=(*SELECTION_RULES, "accuracy"), default=None,
                        help=f"epoch to keep, chosen on validation: best AP (within --gap-target if given), "

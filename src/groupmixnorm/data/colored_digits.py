@@ -62,33 +62,43 @@ def load_colored_digits(
     if sensitive != SENSITIVE:
         raise ValueError(f"unknown sensitive attribute {sensitive!r} for colored-digits; it has only {SENSITIVE!r}")
     check_protocol("colored-digits", protocol)
+    check_bias(bias)
+    gray, y, rows = split_digits(seed)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for part in ("train", "val"):
+        groups = biased_groups(y[rows[part]], bias, rng)
+        splits[part] = colorize(gray[rows[part]], groups), y[rows[part]], groups
+    splits["test"] = _both_colors(gray[rows["test"]], y[rows["test"]])
+    return image_dataset("colored-digits", splits, sensitive=SENSITIVE, group_names=list(GROUP_NAMES),
+                         protocol=protocol)
+
+
+def check_bias(bias: float) -> None:
     if not 0.0 <= bias <= 1.0:
         raise ValueError(f"bias must be a probability in [0, 1], got {bias!r}")
+
+
+def split_digits(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """scikit-learn's 8x8 digits in ``[0, 1]`` (float32 ``(n, 8, 8)``), the labels ``digit >= 5``, and the
+    rows of a 60/20/20 train/validation/test split stratified by digit."""
     digits = load_digits()
     gray = (digits.images / 16.0).astype(np.float32)
     index = np.arange(len(gray))
     train, rest = train_test_split(index, test_size=0.4, stratify=digits.target, random_state=seed)
     val, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=seed)
-    y = (digits.target >= 5).astype(np.int64)
-    rng = np.random.default_rng(seed)
-    splits = {part: _biased(gray[rows], y[rows], bias, rng) for part, rows in (("train", train), ("val", val))}
-    splits["test"] = _both_colors(gray[test], y[test])
-    return image_dataset("colored-digits", splits, sensitive=SENSITIVE, group_names=list(GROUP_NAMES),
-                         protocol=protocol)
+    return gray, (digits.target >= 5).astype(np.int64), {"train": train, "val": val, "test": test}
+
+
+def biased_groups(y: np.ndarray, bias: float, rng: np.random.Generator) -> np.ndarray:
+    """Group ids that agree with the label (group 1 for ``y = 1``) with probability ``bias``."""
+    agrees = rng.random(len(y)) < bias
+    return np.where(agrees, y, 1 - y)
 
 
 def colorize(gray: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """``(n, H, W)`` grayscale images tinted by group: ``(n, 3, H, W)`` float32."""
     return gray[:, None, :, :] * TINTS[groups][:, :, None, None]
-
-
-def _biased(
-    gray: np.ndarray, y: np.ndarray, bias: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Colors that agree with the label (red for ``y = 1``) with probability ``bias``."""
-    agrees = rng.random(len(y)) < bias
-    groups = np.where(agrees, y, 1 - y)
-    return colorize(gray, groups), y, groups
 
 
 def _both_colors(gray: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

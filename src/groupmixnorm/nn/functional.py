@@ -56,14 +56,20 @@ from groupmixnorm.nn._kernels import (
     mix_with_moments,
     shared_mix_norm,
 )
-from groupmixnorm.nn.alignment import alignment_penalty, conditional_alignment_penalty, quantile_alignment_penalty
+from groupmixnorm.nn.alignment import (
+    alignment_penalty,
+    conditional_alignment_penalty,
+    quantile_alignment_penalty,
+    sliced_alignment_penalty,
+)
 
 __all__ = [
     "MIN_VALUES_PER_GROUP", "GroupMoments", "OutputScale", "alignment_penalty", "apply_affine", "batch_norm_train",
     "conditional_alignment_penalty", "eligible_groups", "fused_group_mix_norm", "gamma_draws", "gather_rows",
     "group_affine", "group_counts", "group_mix_norm", "group_moments", "mix_normalize", "normalize_with",
-    "pairwise_mixing_weights", "plain_group_moments", "posterior_group_weights", "quantile_alignment_penalty", "shared_mixing_weights",
-    "statistics_table", "uniform_mixing_weights", "weights_from_gamma",
+    "pairwise_mixing_weights", "plain_group_moments", "posterior_group_weights", "quantile_alignment_penalty",
+    "shared_mixing_weights", "sliced_alignment_penalty", "statistics_table", "uniform_mixing_weights",
+    "weights_from_gamma",
 ]
 
 

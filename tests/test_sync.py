@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from groupmixnorm.nn import (
-    GroupMixNorm1d, GroupMixNorm2d, SyncGroupMixNorm, collect_alignment, convert_sync_groupmixnorm, use_groups,
+    GroupMixNorm1d, GroupMixNorm2d, SyncGroupMixNorm, collect_alignment, convert_sync_groupmixnorm, mix_within,
+    use_groups,
 )
 
 WORLD = 2
@@ -76,10 +77,22 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             results[f"alignment-{condition}"] = _penalty(
                 SyncGroupMixNorm(3, num_groups=3, align_quantiles=4, dtype=torch.float64), _shard(x, rank),
                 _shard(groups, rank), _shard(labels, rank) if condition else None)
+        results["mix_within"] = _mix_within_refusal(*(_shard(t, rank) for t in _alignment_inputs()))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
+
+
+def _mix_within_refusal(x: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor) -> str:
+    """What a synchronized layer says when asked to mix within labels across processes (every rank alike,
+    before any collective call, so none waits on another)."""
+    try:
+        with mix_within(labels):
+            SyncGroupMixNorm(3, num_groups=3, dtype=torch.float64)(x, groups)
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def _alignment_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,6 +116,11 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     folder = tmp_path_factory.mktemp("sync")
     mp.spawn(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=True)
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def test_mixing_within_labels_across_processes_is_refused(distributed_results: list[dict]) -> None:
+    for result in distributed_results:
+        assert "does not mix within strata (mix_within) across processes" in result["mix_within"]
 
 
 @pytest.mark.parametrize("name", list(CASES))

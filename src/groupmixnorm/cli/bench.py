@@ -14,7 +14,8 @@ FULL_SEEDS = 5
 #: Benches over the five bundled tables (they take --datasets), beside the single-data-set grids of ``PLANS``.
 TABLE_BENCHES = ("tabular", "fair-by-constraint")
 #: Benches of their own records (no --methods, --workers or --ray).
-RECORD_BENCHES = ("adult-debias", "adult-invariance", "adult-unseen")
+RECORD_BENCHES = ("adult-debias", "adult-invariance", "adult-unseen", "colored-digits-invariance",
+                  "textured-digits-invariance")
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -79,7 +80,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         return _run_debias_bench(args)
     if args.name == "adult-unseen":
         return _run_unseen_bench(args)
-    if args.name == "adult-invariance":
+    if args.name.endswith("-invariance"):
         return _run_invariance_bench(args)
     if args.name == "tabular":
         return _run_tabular_bench(args)
@@ -137,14 +138,16 @@ def _run_unseen_bench(args: argparse.Namespace) -> int:
 
 
 def _run_invariance_bench(args: argparse.Namespace) -> int:
-    from groupmixnorm.experiments.invariance_bench import SETTINGS, run_invariance, write_invariance_report
+    from groupmixnorm.experiments.invariance_bench import BENCHES, run_invariance, write_invariance_report
 
+    bench = BENCHES[args.name]
     seeds = 1 if args.quick else args.seeds
     plots = args.results_dir / args.name
     return _run_record_bench(
-        args, total=seeds * len(SETTINGS),
-        run=lambda root, advance: run_invariance(root, seeds=seeds, quick=args.quick, on_run=advance, plots_dir=plots),
-        report=write_invariance_report,
+        args, total=seeds * len(bench.settings),
+        run=lambda root, advance: run_invariance(root, bench, seeds=seeds, quick=args.quick, on_run=advance,
+                                                 plots_dir=plots),
+        report=lambda records, path, command: write_invariance_report(records, path, command, bench),
     )
 
 

@@ -146,7 +146,7 @@ ADULT_GMN_SETTINGS: tuple[Setting, ...] = (
     *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo", sampling="group") for weight in (1.0, 3.0)),
     *LAYER_CHANCES,
     _gmn(align=3.0, align_quantiles=16),
-    _gmn(align=3.0, align_quantiles=16, align_projections=16),
+    *(_gmn(align=weight, align_quantiles=16, align_projections=16) for weight in (3.0, 10.0, 30.0)),
 )
 
 

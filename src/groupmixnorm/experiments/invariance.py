@@ -296,20 +296,26 @@ def analyze_checkpoint(checkpoint_path: str | Path, out: str | Path | None, *,
     the analysis. ``data_file``: a copy of a CSV run's training file (checked by its sha256)."""
     from groupmixnorm.training.checkpoint import load_checkpoint
 
+    checkpoint = load_checkpoint(checkpoint_path)
+    return analyze_model(checkpoint.model, checkpoint.method, checkpoint.run_data(data_file), out, options=options,
+                         about={"checkpoint": str(checkpoint_path), "method": checkpoint.spec["method"],
+                                "method_options": checkpoint.spec["method_options"]})
+
+
+def analyze_model(model: nn.Module, method: Any, data: Any, out: str | Path | None, *,
+                  options: AnalysisOptions = AnalysisOptions(), about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`analyze_checkpoint` for a model in memory (image models have no checkpoints): every layer on
+    ``data``'s test split; ``about`` (what the model is) heads the analysis."""
     if options.embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {options.embedding!r}")
-    checkpoint = load_checkpoint(checkpoint_path)
-    data = checkpoint.run_data(data_file)
     test = data.test
     layers = analyze_split(
-        checkpoint.model, checkpoint.method, torch.as_tensor(test.X, dtype=torch.float32), test.y, test.a,
+        model, method, torch.as_tensor(test.X, dtype=torch.float32), test.y, test.a,
         group_names=list(data.group_names), options=options, plots_dir=None if out is None else Path(out),
     )
     analysis = {
-        "checkpoint": str(checkpoint_path), "method": checkpoint.spec["method"],
-        "method_options": checkpoint.spec["method_options"], "sensitive": data.sensitive,
-        "group_names": list(data.group_names), "chance_balanced_accuracy": 1.0 / data.num_groups,
-        "options": options.__dict__, "layers": layers,
+        **(about or {}), "sensitive": data.sensitive, "group_names": list(data.group_names),
+        "chance_balanced_accuracy": 1.0 / data.num_groups, "options": options.__dict__, "layers": layers,
     }
     if out is not None:
         write_json_atomic(Path(out) / "analysis.json", analysis)

@@ -79,8 +79,12 @@ def execute(
     save_to: str | Path | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    inspect: Callable[[Any, Any, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train the run described by ``spec`` and return its JSON-ready record.
+
+    ``inspect(model, method, data)``, if given, is called with the selected model after training (to
+    analyze a model that is not saved, such as an image model).
 
     With ``save_to``, the selected model is also written there as a checkpoint
     (:func:`groupmixnorm.training.checkpoint.save_checkpoint`) that ``groupmixnorm predict`` can use.
@@ -101,6 +105,8 @@ def execute(
         from groupmixnorm.training.checkpoint import save_checkpoint
 
         save_checkpoint(save_to, model=result.model, method=method, spec=spec, data=data, source=source)
+    if inspect is not None:
+        inspect(result.model, method, data)
     record = run_record(
         method, data, result, spec=spec.to_dict(), setting=setting_label(spec.method_options), seed=spec.config.seed,
         command=spec.command(), started=started,

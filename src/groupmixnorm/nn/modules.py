@@ -554,6 +554,7 @@ class GroupMixNorm1d(_GroupMixNorm):
     (``output_scale="batch"``, the default) puts the output in batch-normalization units, so the layer
     replaces ``BatchNorm1d`` one for one and equals it on a batch of a single group; ``output_scale="mixed"``
     leaves it out and is the paper's layer verbatim. Both give every group identical output moments.
+    Inside :func:`~groupmixnorm.nn.mix_within` the groups are mixed within each stratum (label) only.
 
     Args:
         num_features: ``C``, the number of channels.

@@ -220,8 +220,8 @@ def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
     debiasing and Fair Mixup over their weight for DP and EO; GroupMixNorm as the paper places it (in every
     convolution block, no penalty), the same with mixing switched off (``p=0``: batch normalization through
     the same code, the ablation), and on the logit with the quantile alignment penalty over its weight (DP,
-    and EO within each label); the layer's own chances (:data:`LAYER_CHANCES`); expgrad's logistic
-    regression on the pixels.
+    and EO within each label); the layer's own chances (:data:`LAYER_CHANCES`); ERM and the paper's layer
+    with the epoch of the lowest validation gap kept; expgrad's logistic regression on the pixels.
     """
     if quick:
         return (
@@ -247,6 +247,8 @@ def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
         *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0)),
         *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 3.0)),
         *LAYER_CHANCES,
+        # The Fair Mixup code's epoch rule (the lowest validation gap; its other quirk, quantized inputs, is Adult's).
+        *(dataclasses.replace(setting, select="dp_gap") for setting in (Setting("erm", {}), _gmn())),
         Setting("expgrad", {"fairness": "dp"}),
         Setting("expgrad", {"fairness": "eo"}, protocol_sampling({"fairness": "eo"})),  # sampling unused; the label stays plain
     )
@@ -589,9 +591,10 @@ def setting_family(record: dict[str, Any]) -> str:
     family = record["method"]
     if family == "gmn":
         family = GMN_WITH_ALIGNMENT if record["options"].get("align", 0.0) > 0 else GMN_LAYER_ONLY
-    if record["spec"].get("quantize") or "select=" in record["setting"]:
-        family += f" [quantized, epoch by {record['spec']['config']['select']}]"
-    return family
+    quirks = ["quantized"] if record["spec"].get("quantize") else []
+    if "select=" in record["setting"]:
+        quirks.append(f"epoch by {record['spec']['config']['select']}")
+    return family + (f" [{', '.join(quirks)}]" if quirks else "")
 
 
 def validated_section(records: Sequence[dict[str, Any]]) -> list[str]:

@@ -190,6 +190,28 @@ def test_quick_invariance_bench_writes_a_verdict_per_setting(tmp_path: Path) -> 
     assert {path: path.stat().st_mtime_ns for path in records} == before  # finished analyses are reused
 
 
+@pytest.mark.slow
+def test_quick_digits_invariance_bench_analyzes_image_models_in_memory(tmp_path: Path) -> None:
+    from groupmixnorm.experiments.invariance_bench import BENCHES, DIGITS_SETTINGS, invariance_specs
+
+    specs = invariance_specs(BENCHES["textured-digits-invariance"], seeds=2)
+    assert {(spec.dataset, spec.sensitive) for spec, _ in specs} == {("textured-digits", "texture")}
+    assert len(specs) == 2 * len(DIGITS_SETTINGS)
+    assert main(["bench", "colored-digits-invariance", "--quick", "--results-dir", str(tmp_path), "--quiet"]) == 0
+    report = (tmp_path / "colored-digits-invariance.md").read_text()
+    assert report.startswith("# Does the representation forget the protected attribute? (colored digits, color)")
+    verdicts = [line for line in report.splitlines() if line.startswith("- **")]
+    assert len(verdicts) == len(DIGITS_SETTINGS) and all("a probe recovers color from" in v for v in verdicts)
+    records = sorted((tmp_path / "colored-digits-invariance" / "records").glob("analysis-*.json"))
+    assert len(records) == len(DIGITS_SETTINGS)
+    assert not list((tmp_path / "colored-digits-invariance" / "records").glob("*.pt"))  # no image checkpoints
+    first = json.loads(records[0].read_text())
+    assert first["layers"] and all(0.5 <= layer["probe_auc"] <= 1.0 for layer in first["layers"].values())
+    before = {path: path.stat().st_mtime_ns for path in records}
+    assert main(["bench", "colored-digits-invariance", "--quick", "--results-dir", str(tmp_path), "--quiet"]) == 0
+    assert {path: path.stat().st_mtime_ns for path in records} == before
+
+
 def _record(index: int, layers: dict[str, tuple[float, float, bool]]) -> dict:
     """An analysis record of the invariance bench whose layers have the given logistic (AUC, balanced
     accuracy) and output flag; the MLP probe sits at chance."""

@@ -530,6 +530,7 @@ def _markdown_report(
     command: str, timing: Any = None,
 ) -> str:
     from groupmixnorm.experiments import report
+    from groupmixnorm.experiments.layer_alone import layer_alone_section
 
     versions = records[0]["versions"] if records else {}
     erm = summary[summary["method"] == "erm"]
@@ -549,6 +550,7 @@ def _markdown_report(
         "",
         *([plan.notes, ""] if plan.notes else []),
         *validated_section(records),
+        *layer_alone_section(records, setting_family),
     ]
     if not erm.empty:
         lines += [f"ERM: AP {erm['ap_mean'].iloc[0]:.4f}, dp_gap_hard {erm['dp_gap_hard_mean'].iloc[0]:.4f}, "

@@ -67,6 +67,22 @@ def test_running_statistics_are_the_groups_over_the_whole_batch():
         assert torch.isfinite(stratified(x)).all()
 
 
+def test_evaluation_gives_the_batch_the_overall_mean_and_deviation_that_training_gave_it():
+    x, groups, labels = _batch(seed=6)
+    layer = _layer(output_scale="mixed", momentum=1.0, eps=1e-12)  # the running values are this batch's
+    with use_groups(groups), mix_within(labels):
+        trained = layer(x)
+    layer.eval()
+    evaluated = layer(x)  # population statistics: no labels, no groups
+    torch.testing.assert_close(evaluated.mean(0), trained.mean(0))
+    # The labels' difference is part of the spread: a mixed deviation averaged over the labels would miss it.
+    # (The running variance is unbiased, as BatchNorm's is, which narrows evaluation by sqrt((n - 1) / n).)
+    narrowing = ((len(x) - 1) / len(x)) ** 0.5
+    torch.testing.assert_close(evaluated.std(0, unbiased=False), narrowing * trained.std(0, unbiased=False))
+    within = torch.stack([trained[labels == label].std(0, unbiased=False) for label in (0, 1)]).mean(0)
+    assert (trained.std(0, unbiased=False) > 1.5 * within).all()
+
+
 def test_the_reference_path_gives_the_same_values_and_gradients():
     x, groups, labels = _batch(seed=3)
     outputs, gradients = [], []

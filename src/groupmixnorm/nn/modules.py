@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import alignment
 from groupmixnorm.nn import functional as F
-from groupmixnorm.nn._core import GroupMoments, batch_reference, combined_moments, values_per_sample
+from groupmixnorm.nn._core import GroupMoments, batch_moments, batch_reference, combined_moments, values_per_sample
 from groupmixnorm.nn.routing import active_penalty_collector, current_groups, current_strata, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
@@ -235,8 +235,23 @@ class _GroupMixNorm(nn.Module):
         out = self._normalize(x, cells, mixing, cell_moments, segments, weight, bias)
         moments = self._merged_strata(cell_moments, num_strata)
         if self.track_running_stats:
-            self._update_running_stats(moments.detach(), self._mixed_values(mixing, cell_moments.detach()))
+            mixed = self._stratified_mixed_values(torch.stack(per_stratum), cell_moments.detach(), num_strata)
+            self._update_running_stats(moments.detach(), mixed)
         return out, moments
+
+    def _stratified_mixed_values(self, per_stratum: Tensor, cell_moments: GroupMoments,
+                                 num_strata: int) -> tuple[Tensor, Tensor]:
+        """The mean and deviation of the whole mixed batch: each stratum leaves with its own mixed mean and
+        deviation, so the batch's spread holds the strata's differences too (the law of total variance).
+        Evaluation maps the population to these, as it maps it to the one mixture's without strata."""
+        table_mean, table_std = F.statistics_table(cell_moments, self.eps)
+        channels = table_mean.shape[1]
+        present = cell_moments.counts.view(num_strata, -1).sum(1)
+        weights = per_stratum.nan_to_num(0.0)  # an absent stratum's draw has no rows to weigh; it takes no share
+        stratum_mean = torch.einsum("sg,sgc->sc", weights, table_mean.view(num_strata, -1, channels))
+        stratum_std = torch.einsum("sg,sgc->sc", weights, table_std.view(num_strata, -1, channels))
+        mean, var = batch_moments(present, stratum_mean, stratum_std.square())
+        return mean, torch.sqrt(var)
 
     @staticmethod
     def _merged_strata(cell_moments: GroupMoments, num_strata: int) -> GroupMoments:

@@ -244,7 +244,7 @@ def test_the_committed_analyses_are_summarized_as_the_code_summarizes_them() -> 
         for layer in record["layers"].values():
             assert (layer["probe"], layer["probe_auc"]) == strongest_probe(layer["probes"])
     table = invariance_table(records)
-    assert len(records) == 35 and table["output"].sum() == 7  # one output per setting, reported once
+    assert len(records) == 50 and table["output"].sum() == 10  # one output per setting, reported once
     outputs = table.loc[table["output"]].set_index("setting")["layer"]
     assert outputs["align=1.0,align_quantiles=16,placement=logit"] == "groupmixnorm_1"  # the layer on the logit
     assert (table["probe_auc_mean"] >= 0.5).all()

@@ -183,7 +183,8 @@ def test_module_entry_point_help() -> None:
 
 def test_bench_rejects_methods_for_a_bench_without_method_sweeps(capsys):
     assert cli.main(["bench", "adult-unseen", "--methods", "gmn"]) == 2
-    assert "--methods applies to the adult, celeba, colored-digits, fair-by-constraint and tabular benches" in \
+    assert ("--methods applies to the adult, celeba, colored-digits, fair-by-constraint, tabular and textured-digits "
+            "benches") in \
         capsys.readouterr().err
 
 

@@ -37,7 +37,8 @@ def test_a_layer_that_halves_the_gap_on_every_seed_meets_the_bar_and_a_noisy_one
     tie = rows[("`align=0.0,placement=first`", "erm")]
     assert tie[5] == "tie" and tie[-1] == "no"  # a 15 % cut on the means, inside the noise
     against_norm = rows[("`align=0.0,placement=all`", "erm with batch norm")]
-    assert against_norm[5] == "fairer" and against_norm[8] == "lower AP" and against_norm[-1] == "yes"  # 0.91 >= 0.97 * 0.92
+    # A lower AP, yet at least 0.97 times ERM's (0.91 >= 0.97 * 0.92): the bar is met.
+    assert against_norm[5] == "fairer" and against_norm[8] == "lower AP" and against_norm[-1] == "yes"
 
 
 def test_a_setting_with_its_own_epoch_rule_is_paired_with_erm_under_the_same_rule() -> None:

@@ -74,7 +74,8 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
                       help="protected attribute: sex, race or sex*race (adult; default sex), age (<=25) or sex "
                       "(german; default age), race (African-American vs Caucasian), race6 or sex (compas; default "
                       "race), sex (credit), race (White vs non-White) or sex (law; default race), color "
-                      "(colored-digits), texture (textured-digits), an attribute name such as Male (celeba; default Male), a column name, or "
+                      "(colored-digits), texture (textured-digits), an attribute name such as Male (celeba; default "
+                      "Male), a column name, or "
                       "several comma-separated such as sex,race, whose combinations of values are the groups "
                       "(\"female & black\"; csv; required)")
     data.add_argument("--data-dir", dest="data_data_dir", type=Path, default=None, metavar="DIR",

@@ -73,7 +73,8 @@ def load_textured_digits(
         splits[part] = texture(gray[rows[part]], groups, style_rng), y[rows[part]], groups
     test_gray, test_y = gray[rows["test"]], y[rows["test"]]
     both = np.repeat([0, 1], len(test_y))
-    splits["test"] = texture(np.concatenate([test_gray, test_gray]), both, style_rng), np.concatenate([test_y, test_y]), both
+    test_images = texture(np.concatenate([test_gray, test_gray]), both, style_rng)
+    splits["test"] = test_images, np.concatenate([test_y, test_y]), both
     return image_dataset("textured-digits", splits, sensitive=SENSITIVE, group_names=list(GROUP_NAMES),
                          protocol=protocol)
 

@@ -289,7 +289,8 @@ def textured_digits_plan(*, quick: bool = False, seeds: int = 3) -> BenchPlan:
     return _digits_plan("textured-digits", "texture", (16, 32, 64), TEXTURED_DIGITS_NOTES, quick=quick, seeds=seeds)
 
 
-def _digits_plan(name: str, sensitive: str, channels: tuple[int, ...], notes: str, *, quick: bool, seeds: int) -> BenchPlan:
+def _digits_plan(name: str, sensitive: str, channels: tuple[int, ...], notes: str, *, quick: bool,
+                 seeds: int) -> BenchPlan:
     config = TrainConfig(epochs=30, iterations=20, batch_size=64, hidden=channels, select="last")
     timed = (Setting("erm", {}), Setting("erm", {"norm": "batchnorm"}), _gmn(),
              _gmn(placement="logit", align=3.0, align_quantiles=16))

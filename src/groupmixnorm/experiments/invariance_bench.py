@@ -3,9 +3,10 @@
 On Adult, the models are the Adult bench's best settings per method (best AP with dp_gap <= 0.05, or <= 0.10
 where a method has none) and the paper's layer in its variants; on colored and textured digits, ERM with and
 without batch normalization, the paper's layer (with and without mixing, and with training's statistics at
-prediction) and the best peer. Each is trained exactly as in its grid bench (the same specs) and saved, then
-analyzed on its test split (:mod:`groupmixnorm.experiments.invariance`). One JSON record per model, written
-atomically; a finished one is never recomputed.
+prediction) and the best peer. Each is trained exactly as in its grid bench (the same specs), then analyzed
+on its test split (:mod:`groupmixnorm.experiments.invariance`): a table model from its saved checkpoint, an
+image model in memory right after training (image models have no checkpoints). One JSON record per model,
+written atomically; a finished one is never recomputed.
 """
 
 from __future__ import annotations
@@ -245,10 +246,12 @@ def _verdicts(table: pd.DataFrame, outcomes: pd.DataFrame, records: list[dict[st
         worst = hidden.loc[hidden["probe_auc_mean"].idxmax()] if len(hidden) else output
         lines.append(
             f"- **{first['method']}** (`{first['setting']}`; {whys[index]}; AP {outcomes.loc[index, 'ap']:.3f}, "
-            f"dp_gap {outcomes.loc[index, 'dp_gap']:.3f}): a probe recovers {attribute} from `{worst['layer']}` with AUC "
+            f"dp_gap {outcomes.loc[index, 'dp_gap']:.3f}): a probe recovers {attribute} from `{worst['layer']}` "
+            "with AUC "
             f"{worst['probe_auc_mean']:.3f} and balanced accuracy {worst['probe_balanced_accuracy_mean']:.3f} (chance: "
             f"0.50 and {chance:.2f}); from the output (`{output['layer']}`) with AUC {output['probe_auc_mean']:.3f} and "
-            f"balanced accuracy {output['probe_balanced_accuracy_mean']:.3f}. {_plainly(worst['probe_auc_mean'], attribute)}"
+            f"balanced accuracy {output['probe_balanced_accuracy_mean']:.3f}. "
+            f"{_plainly(worst['probe_auc_mean'], attribute)}"
         )
     return lines
 

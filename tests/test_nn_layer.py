@@ -566,3 +566,21 @@ def test_use_groups_blocks_nest_and_stay_in_their_thread() -> None:
         assert current_groups() is outer
     assert seen == {"before": None, "inside": inner}
     assert current_groups() is None
+
+
+@pytest.mark.parametrize("mix", ["shared", "pairwise"])
+def test_evaluation_gives_a_batch_the_overall_mean_and_deviation_that_training_gave_it(mix):
+    # Groups far apart: with pairwise mixing the samples leave with different means, and that spread is part
+    # of the batch's deviation (an average of the per-sample mixtures' deviations leaves it out).
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.arange(2000) % 2
+    x = torch.randn(2000, 3, generator=generator, dtype=torch.float64) * (1 + 2 * groups[:, None]) + 4 * groups[:, None]
+    layer = GroupMixNorm1d(3, num_groups=2, mix=mix, affine=False, output_scale="mixed", momentum=1.0,
+                           eps=1e-12).double()
+    torch.manual_seed(1)
+    trained = layer(x, groups)
+    layer.eval()
+    evaluated = layer(x)
+    torch.testing.assert_close(evaluated.mean(0), trained.mean(0))
+    narrowing = (1999 / 2000) ** 0.5  # the running variance is unbiased, as BatchNorm's is
+    torch.testing.assert_close(evaluated.std(0, unbiased=False), narrowing * trained.std(0, unbiased=False))

@@ -584,3 +584,19 @@ def test_evaluation_gives_a_batch_the_overall_mean_and_deviation_that_training_g
     torch.testing.assert_close(evaluated.mean(0), trained.mean(0))
     narrowing = (1999 / 2000) ** 0.5  # the running variance is unbiased, as BatchNorm's is
     torch.testing.assert_close(evaluated.std(0, unbiased=False), narrowing * trained.std(0, unbiased=False))
+
+
+def test_instance_evaluation_removes_a_shift_of_each_images_channels_without_the_attribute():
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.arange(64) % 2
+    images = torch.randn(64, 2, 5, 5, generator=generator, dtype=torch.float64)
+    tinted = images + 3.0 * groups.view(-1, 1, 1, 1)  # group 1: every channel of every image shifted
+    layer = GroupMixNorm2d(2, num_groups=2, eval_mode="instance").double()
+    layer(tinted, groups)
+    layer.eval()
+    # Each image is standardized on its own, so the shift is gone and the output is the untinted image's.
+    torch.testing.assert_close(layer(tinted), layer(images))
+    with pytest.raises(ValueError, match="needs more than one position per channel"):
+        GroupMixNorm1d(2, num_groups=2, eval_mode="instance").eval()(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="needs track_running_stats=True"):
+        GroupMixNorm2d(2, eval_mode="instance", track_running_stats=False)

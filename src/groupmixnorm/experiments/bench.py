@@ -220,8 +220,9 @@ def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
     debiasing and Fair Mixup over their weight for DP and EO; GroupMixNorm as the paper places it (in every
     convolution block, no penalty), the same with mixing switched off (``p=0``: batch normalization through
     the same code, the ablation), and on the logit with the quantile alignment penalty over its weight (DP,
-    and EO within each label); the layer's own chances (:data:`LAYER_CHANCES`); ERM and the paper's layer
-    with the epoch of the lowest validation gap kept; expgrad's logistic regression on the pixels.
+    and EO within each label); the layer's own chances (:data:`LAYER_CHANCES`), and the paper's layer
+    evaluated with each image's own statistics; ERM and the paper's layer with the epoch of the lowest
+    validation gap kept; expgrad's logistic regression on the pixels.
     """
     if quick:
         return (
@@ -247,6 +248,7 @@ def image_settings(*, quick: bool = False) -> tuple[Setting, ...]:
         *(_gmn(placement="logit", align=weight, align_quantiles=16) for weight in (0.3, 1.0, 3.0)),
         *(_gmn(placement="logit", align=weight, align_quantiles=16, fairness="eo") for weight in (1.0, 3.0)),
         *LAYER_CHANCES,
+        _gmn(eval_mode="instance"),  # each image's own statistics at prediction: no attribute, no tint
         # The Fair Mixup code's epoch rule (the lowest validation gap; its other quirk, quantized inputs, is Adult's).
         *(dataclasses.replace(setting, select="dp_gap") for setting in (Setting("erm", {}), _gmn())),
         Setting("expgrad", {"fairness": "dp"}),

@@ -39,7 +39,8 @@ class GroupMixNormMethod(Method):
         "block, head (the output layer's input), or a comma-separated list of block indices (from 0), head and "
         "logit, like 0,logit"
     )
-    eval_mode: str = option("population", "statistics at prediction time", choices=("population", "group", "posterior"))
+    eval_mode: str = option("population", "statistics at prediction time (instance: each image's own; images only)",
+                            choices=("population", "group", "posterior", "instance"))
     output_scale: str = option("batch", "units of the layer's output", choices=("batch", "mixed"))
     momentum: float = option(0.1, "momentum of the running statistics")
     align: float = option(1.0, "weight of the alignment penalty (the fairness knob): group statistics at each layer's input")
@@ -62,6 +63,9 @@ class GroupMixNormMethod(Method):
         return "group_label" if by_label else "random"
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
+        if self.eval_mode == "instance" and spec.input_shape is None:
+            raise ValueError("eval_mode='instance' normalizes each image with its own statistics; this data set has "
+                             "feature vectors, not images")
         layer_options = {
             "mix": self.mix, "alpha": self.alpha, "p": self.p, "eval_mode": self.eval_mode,
             "output_scale": self.output_scale, "momentum": self.momentum,

@@ -26,9 +26,9 @@ from groupmixnorm.nn._core import (
 from groupmixnorm.nn.routing import active_penalty_collector, current_groups, current_strata, reference_requested
 
 MixMode = Literal["shared", "pairwise"]
-EvalMode = Literal["population", "group", "posterior"]
+EvalMode = Literal["population", "group", "posterior", "instance"]
 _MIX_MODES = ("shared", "pairwise")
-_EVAL_MODES = ("population", "group", "posterior")
+_EVAL_MODES = ("population", "group", "posterior", "instance")
 _OUTPUT_SCALES = ("batch", "mixed")
 
 
@@ -170,6 +170,8 @@ class _GroupMixNorm(nn.Module):
             return self._forward_eval_group(x, self._check_groups(groups, x))
         if self.eval_mode == "posterior" and self.track_running_stats:
             return self._forward_eval_posterior(x)
+        if self.eval_mode == "instance":
+            return self._forward_eval_instance(x)
         return self._forward_eval_population(x, groups)
 
     def _train_step(self, x: Tensor, groups: Tensor, table_size: int) -> Tensor:
@@ -364,6 +366,21 @@ class _GroupMixNorm(nn.Module):
         weights = F.posterior_group_weights(x, group_mean, group_var, eps=self.eps, known=known | ~any_known)
         mean = torch.where(any_known, weights @ group_mean, mean)
         std = torch.where(any_known, weights @ torch.sqrt(group_var + self.eps), torch.sqrt(var + self.eps))
+        return self._normalize_eval(x, mean, std)
+
+    def _forward_eval_instance(self, x: Tensor) -> Tensor:
+        """Each sample normalized with its own per-channel mean and deviation over its positions (instance
+        normalization), then given the mixed running statistics: no attribute, and whatever shifts a whole
+        image's channels (a tint, a style) is gone."""
+        positions = values_per_sample(x)
+        if positions < 2:
+            raise ValueError(
+                f"{type(self).__name__} has eval_mode='instance', which needs more than one position per channel "
+                f"(input (N, C, L) or (N, C, H, W)); got shape {tuple(x.shape)}"
+            )
+        values = x.flatten(2)
+        mean = values.mean(dim=2)
+        std = torch.sqrt(values.var(dim=2, unbiased=False) + self.eps)
         return self._normalize_eval(x, mean, std)
 
     def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -605,7 +622,9 @@ class GroupMixNorm1d(_GroupMixNorm):
             running statistics and needs ``groups`` at prediction time; ``"posterior"`` needs no attribute
             either: it mixes the groups' running statistics by each sample's posterior group probability
             under them (:func:`~groupmixnorm.nn.functional.posterior_group_weights`), so that evaluation
-            removes what training's group statistics removed as far as ``x`` reveals the group.
+            removes what training's group statistics removed as far as ``x`` reveals the group;
+            ``"instance"`` normalizes each sample with its own statistics over its positions (images, or
+            ``(N, C, L)`` input), then gives it the mixed running statistics.
         align_covariance: whether the alignment penalty reported inside
             :func:`~groupmixnorm.nn.collect_alignment` also compares channel covariances, not only
             per-channel means and deviations.
@@ -680,5 +699,8 @@ def _check_options(
         raise ValueError(f"output_scale must be one of {_OUTPUT_SCALES}, got {output_scale!r}")
     if eval_mode not in _EVAL_MODES:
         raise ValueError(f"eval_mode must be one of {_EVAL_MODES}, got {eval_mode!r}")
+    if eval_mode == "instance" and not track_running_stats:
+        raise ValueError("eval_mode='instance' gives each sample the running mixed statistics; it needs "
+                         "track_running_stats=True")
     if eval_mode in ("group", "posterior") and num_groups is None and track_running_stats:
         raise ValueError(f"eval_mode={eval_mode!r} needs num_groups, to keep running statistics per group")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -227,6 +228,10 @@ def _ddp_step_worker(rank: int, store: str, out: str, options: dict) -> None:
         rows = workers.shard(torch.arange(len(y)))
         torch.manual_seed(1)
         gradients = _step_gradients(model, method, Batch(x[rows], y[rows], groups[rows]))
+        # DDP's reducer holds the process group and its gloo work: release it while the group is alive, so that
+        # no gloo thread is torn down at interpreter exit (one such run aborted with SIGABRT in CI).
+        del model
+        gc.collect()
         if rank == 0:
             torch.save(gradients, out)
         dist.barrier()  # no rank tears gloo down while another still has work in flight

@@ -574,7 +574,8 @@ def test_evaluation_gives_a_batch_the_overall_mean_and_deviation_that_training_g
     # of the batch's deviation (an average of the per-sample mixtures' deviations leaves it out).
     generator = torch.Generator().manual_seed(0)
     groups = torch.arange(2000) % 2
-    x = torch.randn(2000, 3, generator=generator, dtype=torch.float64) * (1 + 2 * groups[:, None]) + 4 * groups[:, None]
+    x = torch.randn(2000, 3, generator=generator, dtype=torch.float64) * (1 + 2 * groups[:, None])
+    x = x + 4 * groups[:, None]
     layer = GroupMixNorm1d(3, num_groups=2, mix=mix, affine=False, output_scale="mixed", momentum=1.0,
                            eps=1e-12).double()
     torch.manual_seed(1)

@@ -20,6 +20,8 @@ Every split is normalized per channel with the training images' mean and standar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -59,24 +61,39 @@ def load_colored_digits(
     TabularDataset
         Float32 images of shape ``(n, 3, 8, 8)``, labels ``y = [digit >= 5]`` and color ids.
     """
-    if sensitive != SENSITIVE:
-        raise ValueError(f"unknown sensitive attribute {sensitive!r} for colored-digits; it has only {SENSITIVE!r}")
-    check_protocol("colored-digits", protocol)
-    check_bias(bias)
+    return biased_digits("colored-digits", colorize, sensitive=sensitive, attribute=SENSITIVE,
+                         group_names=GROUP_NAMES, protocol=protocol, seed=seed, bias=bias)
+
+
+def biased_digits(
+    name: str,
+    render: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    sensitive: str,
+    attribute: str,
+    group_names: list[str],
+    protocol: str,
+    seed: int,
+    bias: float,
+) -> TabularDataset:
+    """A bias benchmark from the digits: ``render(gray, groups)`` draws each ``(n, 8, 8)`` digit in its
+    group's way. In train and validation the group agrees with the label with probability ``bias``; in
+    test every digit is drawn once in each group. ``sensitive`` must name ``attribute``, the only one."""
+    if sensitive != attribute:
+        raise ValueError(f"unknown sensitive attribute {sensitive!r} for {name}; it has only {attribute!r}")
+    check_protocol(name, protocol)
+    if not 0.0 <= bias <= 1.0:
+        raise ValueError(f"bias must be a probability in [0, 1], got {bias!r}")
     gray, y, rows = split_digits(seed)
     rng = np.random.default_rng(seed)
     splits = {}
     for part in ("train", "val"):
         groups = biased_groups(y[rows[part]], bias, rng)
-        splits[part] = colorize(gray[rows[part]], groups), y[rows[part]], groups
-    splits["test"] = _both_colors(gray[rows["test"]], y[rows["test"]])
-    return image_dataset("colored-digits", splits, sensitive=SENSITIVE, group_names=list(GROUP_NAMES),
-                         protocol=protocol)
-
-
-def check_bias(bias: float) -> None:
-    if not 0.0 <= bias <= 1.0:
-        raise ValueError(f"bias must be a probability in [0, 1], got {bias!r}")
+        splits[part] = render(gray[rows[part]], groups), y[rows[part]], groups
+    test_gray, test_y = gray[rows["test"]], y[rows["test"]]
+    both = np.repeat([0, 1], len(test_y))  # every digit once in each group: group independent of label and digit
+    splits["test"] = render(np.concatenate([test_gray, test_gray]), both), np.concatenate([test_y, test_y]), both
+    return image_dataset(name, splits, sensitive=attribute, group_names=list(group_names), protocol=protocol)
 
 
 def split_digits(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -99,9 +116,3 @@ def biased_groups(y: np.ndarray, bias: float, rng: np.random.Generator) -> np.nd
 def colorize(gray: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """``(n, H, W)`` grayscale images tinted by group: ``(n, 3, H, W)`` float32."""
     return gray[:, None, :, :] * TINTS[groups][:, :, None, None]
-
-
-def _both_colors(gray: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every image once green and once red: color independent of label and digit."""
-    groups = np.repeat([0, 1], len(y))
-    return colorize(np.concatenate([gray, gray]), groups), np.concatenate([y, y]), groups

@@ -24,8 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import zoom
 
-from groupmixnorm.data.colored_digits import biased_groups, check_bias, split_digits
-from groupmixnorm.data.images import check_protocol, image_dataset
+from groupmixnorm.data.colored_digits import biased_digits
 from groupmixnorm.data.tabular import TabularDataset
 
 GROUP_NAMES = ["horizontal", "vertical"]
@@ -61,22 +60,9 @@ def load_textured_digits(
     TabularDataset
         Float32 images of shape ``(n, 1, 24, 24)``, labels ``y = [digit >= 5]`` and texture ids.
     """
-    if sensitive != SENSITIVE:
-        raise ValueError(f"unknown sensitive attribute {sensitive!r} for textured-digits; it has only {SENSITIVE!r}")
-    check_protocol("textured-digits", protocol)
-    check_bias(bias)
-    gray, y, rows = split_digits(seed)
-    groups_rng, style_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    splits = {}
-    for part in ("train", "val"):
-        groups = biased_groups(y[rows[part]], bias, groups_rng)
-        splits[part] = texture(gray[rows[part]], groups, style_rng), y[rows[part]], groups
-    test_gray, test_y = gray[rows["test"]], y[rows["test"]]
-    both = np.repeat([0, 1], len(test_y))
-    test_images = texture(np.concatenate([test_gray, test_gray]), both, style_rng)
-    splits["test"] = test_images, np.concatenate([test_y, test_y]), both
-    return image_dataset("textured-digits", splits, sensitive=SENSITIVE, group_names=list(GROUP_NAMES),
-                         protocol=protocol)
+    style = np.random.default_rng([seed, 1])  # apart from the group draws, which stay colored digits'
+    return biased_digits("textured-digits", lambda gray, groups: texture(gray, groups, style), sensitive=sensitive,
+                         attribute=SENSITIVE, group_names=GROUP_NAMES, protocol=protocol, seed=seed, bias=bias)
 
 
 def texture(gray: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:

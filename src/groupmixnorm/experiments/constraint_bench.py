@@ -198,7 +198,8 @@ def constraint_markdown(runs: Sequence[ConstraintRun], records: Sequence[dict[st
         f"{runs[0].budget} trials per method ({budget}), one global decision threshold chosen on validation. "
         f"A trial is feasible when the upper end of the 95% bootstrap interval of its validation {gap} is at most "
         f"{bound} and an exact one-sided sign test says its validation decisions beat the majority class "
-        f"(p < {constraint.USEFUL_LEVEL:.3g}); the feasible trial of best validation {SELECT} is chosen. The test split is read once per "
+        f"(p < {constraint.USEFUL_LEVEL:.3g}); the feasible trial of best validation {SELECT} is chosen. "
+        "The test split is read once per "
         f"search, for its choice. Candidates ({candidates}): {methods}.",
         "",
         f"**Best single method**: among the methods of `tabular.md` (ERM included, thresholdopt left out: it "

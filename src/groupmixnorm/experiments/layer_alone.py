@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from groupmixnorm.experiments.report import markdown_table
 from groupmixnorm.metrics.uncertainty import paired_comparison
 
 #: ERM references by their options: the plain model and the same model with batch normalization.
@@ -43,7 +44,7 @@ def layer_alone_section(records: Sequence[dict[str, Any]], family: Any) -> list[
         "dp_gap_hard / ERM's (negative: the layer's gap is larger). `bar met` asks for a fairer verdict, a cut "
         f"of at least {GAP_CUT:.0%} and a mean AP of at least {AP_SHARE:g} times ERM's. "
         "† marks settings that read the attribute at prediction.", "",
-        _markdown(pd.DataFrame(rows)), "",
+        markdown_table(pd.DataFrame(rows)), "",
     ]
 
 
@@ -97,9 +98,3 @@ def _row(setting: str, runs: list[dict[str, Any]], name: str, reference: list[di
 
 def _opposite(verdict: str) -> str:
     return {"fairer": "less fair", "higher AP": "lower AP"}[verdict]
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    from groupmixnorm.experiments.report import markdown_table
-
-    return markdown_table(table)

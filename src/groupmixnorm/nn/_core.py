@@ -46,6 +46,13 @@ def values_per_sample(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def per_sample_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample's mean and biased variance per channel over its positions, ``(N, C)`` each (the variance
+    is 0 for input without spatial axes)."""
+    values = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)
+    return values.mean(dim=2), values.var(dim=2, unbiased=False)
+
+
 def per_sample_channel_sums(x: Tensor) -> Tensor:
     """Sum over the spatial axes: ``(N, C, *) -> (N, C)``."""
     return x.flatten(2).sum(dim=2) if x.dim() > 2 else x

@@ -44,6 +44,7 @@ from groupmixnorm.nn._core import (
     normalization_map,
     output_map,
     per_sample_channel_sums,
+    per_sample_moments,
     statistics_table,
     values_per_sample,
 )
@@ -289,11 +290,10 @@ def posterior_group_weights(x: Tensor, group_mean: Tensor, group_var: Tensor, *,
     Mixing the groups' statistics with these weights is what ``eval_mode="posterior"`` normalizes with: the
     group statistics of training, guessed from ``x`` instead of read from a protected attribute.
     """
-    values = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)  # (N, C, positions)
-    positions = values.shape[2]
-    sample_mean = values.mean(dim=2)
+    positions = values_per_sample(x)
+    sample_mean, within = per_sample_moments(x)
     # sum over positions of (x - mu)^2 = positions * (within-sample variance + (sample mean - mu)^2)
-    within = values.var(dim=2, unbiased=False).unsqueeze(1) if positions > 1 else 0.0
+    within = within.unsqueeze(1)
     var = group_var + eps
     squares = (sample_mean.unsqueeze(1) - group_mean.unsqueeze(0)).square() + within  # (N, G, C)
     log_likelihood = -0.5 * positions * (squares / var + var.log()).sum(dim=2)

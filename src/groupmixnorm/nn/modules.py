@@ -21,6 +21,7 @@ from groupmixnorm.nn._core import (
     batch_reference,
     combined_moments,
     normalization_map,
+    per_sample_moments,
     values_per_sample,
 )
 from groupmixnorm.nn.routing import active_penalty_collector, current_groups, current_strata, reference_requested
@@ -372,16 +373,13 @@ class _GroupMixNorm(nn.Module):
         """Each sample normalized with its own per-channel mean and deviation over its positions (instance
         normalization), then given the mixed running statistics: no attribute, and whatever shifts a whole
         image's channels (a tint, a style) is gone."""
-        positions = values_per_sample(x)
-        if positions < 2:
+        if values_per_sample(x) < 2:
             raise ValueError(
                 f"{type(self).__name__} has eval_mode='instance', which needs more than one position per channel "
                 f"(input (N, C, L) or (N, C, H, W)); got shape {tuple(x.shape)}"
             )
-        values = x.flatten(2)
-        mean = values.mean(dim=2)
-        std = torch.sqrt(values.var(dim=2, unbiased=False) + self.eps)
-        return self._normalize_eval(x, mean, std)
+        mean, var = per_sample_moments(x)
+        return self._normalize_eval(x, mean, torch.sqrt(var + self.eps))
 
     def _normalize_eval(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         running_mean, running_var, mix_mean, mix_std, weight, bias = _in_dtype(

@@ -88,16 +88,19 @@ def test_the_checkpoint_stores_the_chosen_threshold_and_predict_uses_it(search_r
     threshold = json.loads((out / "metrics.json").read_text())["chosen"]["threshold"]
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint.threshold == threshold
-    _rewrite_threshold(out / "model.pt", tmp_path / "model.pt", 0.8)  # one far from the default 0.5
-    assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--csv", str(table),
-                     "--out", str(tmp_path / "scores.csv")]) == 0
-    scores = pd.read_csv(tmp_path / "scores.csv")
-    assert (scores["prediction"] == (scores["score"] >= 0.8)).all()
-    assert 0 < (scores["score"] >= 0.5).sum() != (scores["score"] >= 0.8).sum()
-    assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--csv", str(table),
+    assert cli.main(["predict", "--checkpoint", str(out / "model.pt"), "--csv", str(table),
                      "--out", str(tmp_path / "given.csv"), "--threshold", "0.5"]) == 0
     given = pd.read_csv(tmp_path / "given.csv")
     assert (given["prediction"] == (given["score"] >= 0.5)).all()
+    # A stored threshold that decides otherwise than 0.5 on these rows: one of the scores' quartiles.
+    at_half = (given["score"] >= 0.5).sum()
+    stored = next(q for q in given["score"].quantile([0.25, 0.5, 0.75]) if (given["score"] >= q).sum() != at_half)
+    _rewrite_threshold(out / "model.pt", tmp_path / "model.pt", float(stored))
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--csv", str(table),
+                     "--out", str(tmp_path / "scores.csv")]) == 0
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert np.array_equal(scores["score"], given["score"])
+    assert (scores["prediction"] == (scores["score"] >= stored)).all()
 
 
 def test_the_onnx_sidecar_carries_the_threshold_and_old_checkpoints_read_as_half(search_run, tmp_path):
@@ -162,7 +165,7 @@ def test_the_search_never_hands_the_loop_the_test_split_and_ignores_it(table, mo
                       rng.integers(0, 2, len(data.test)))
     second = constraint.search(dataclasses.replace(data, test=scrambled), {"gapreg": {}}, {"dp_gap_hard": 0.3},
                                config=config, budget=2)
-    assert seen == [True] * 4
+    assert len(seen) >= 4 and all(seen)  # every trial's models (cross-fitted here: the table is small)
     assert [t.row({"dp_gap_hard": 0.3}) | {"seconds": 0} for t in first.trials] == \
         [t.row({"dp_gap_hard": 0.3}) | {"seconds": 0} for t in second.trials]
 
@@ -267,7 +270,7 @@ def _fake_trials(monkeypatch, gap_of):
     """Trials that train nothing: a knob value's validation AP and accuracy fall with the value (a stronger
     knob costs accuracy, which stays above the majority class) and its gap is ``gap_of(value)``; feasible
     when the gap is at most 0.05."""
-    def fit(data, config, bounds, name, options, keep):
+    def fit(data, config, bounds, name, options, keep, crossing):
         value = options["lam"]
         gap = gap_of(value)
         accuracy = 0.7 + 0.1 / (1.0 + value)
@@ -281,7 +284,8 @@ def _fake_trials(monkeypatch, gap_of):
 def _search(budget):
     from groupmixnorm.training import TrainConfig
 
-    return constraint.search(None, {"gapreg": {}}, {"dp_gap_hard": 0.05}, config=TrainConfig(seed=0), budget=budget)
+    return constraint.search(_dataset(10), {"gapreg": {}}, {"dp_gap_hard": 0.05}, config=TrainConfig(seed=0),
+                             budget=budget, cross_fit=1)
 
 
 def test_a_monotone_knob_is_searched_to_its_feasible_side(monkeypatch):
@@ -320,3 +324,93 @@ def test_a_decision_that_departs_from_the_majority_on_a_few_rows_is_not_of_use()
     for scores, useful in ((few, False), (many, True)):
         choice = constraint.choose_threshold(labels, scores, groups, {"dp_gap_hard": 1.0}, seed=0, thresholds=[0.5])
         assert choice.feasible == useful and choice.accuracy > choice.majority
+
+
+# ------------------------------------------------------------------------------------------- cross-fitting
+
+
+def _dataset(val_rows_per_group, *, train_rows=200, seed=0):
+    """Two groups; the validation split holds ``val_rows_per_group`` rows of each."""
+    from groupmixnorm.data.tabular import TabularDataset
+
+    rng = np.random.default_rng(seed)
+
+    def split(per_group):
+        a = np.repeat([0, 1], per_group)
+        X = rng.normal(size=(2 * per_group, 3)).astype(np.float32) + 0.5 * a[:, None]
+        y = (X[:, 0] + rng.normal(scale=0.7, size=len(a)) > 0.3).astype(np.int64)
+        return Split(X, y, a.astype(np.int64))
+
+    return TabularDataset("toy", split(train_rows // 2), split(val_rows_per_group), split(50), ["x0", "x1", "x2"],
+                          "group", ["a", "b"], "official", None)
+
+
+def test_auto_cross_fits_only_a_validation_split_with_a_group_under_100_rows():
+    assert constraint.resolve_folds(_dataset(99)) == constraint.CROSS_FIT_FOLDS == 5
+    assert constraint.resolve_folds(_dataset(100)) == 1
+    assert constraint.resolve_folds(_dataset(100), 3) == 3 and constraint.resolve_folds(_dataset(40), 1) == 1
+    for bad in (0, -2, 2.5, True, "five"):
+        with pytest.raises(ValueError, match="'auto' or a whole number of folds"):
+            constraint.resolve_folds(_dataset(40), bad)
+
+
+def test_the_folds_cover_every_training_and_validation_row_once_stratified_by_label_and_group():
+    data = _dataset(30)
+    crossing = constraint.CrossFit.of(data, 5, seed=3)
+    rows = constraint.pooled_rows(data)
+    assert len(crossing.fold) == len(data.train) + len(data.val) == len(rows) and crossing.folds == 5
+    cells = rows.y * 2 + rows.a
+    for cell in np.unique(cells):
+        per_fold = np.bincount(crossing.fold[cells == cell], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.min() >= 1
+    assert np.array_equal(crossing.fold, constraint.CrossFit.of(data, 5, seed=3).fold)  # seeded
+    assert not np.array_equal(crossing.fold, constraint.CrossFit.of(data, 5, seed=4).fold)
+
+
+def test_a_cell_with_fewer_rows_than_folds_is_refused_by_name():
+    data = _dataset(30)
+    rows = constraint.pooled_rows(data)
+    keep = ~((rows.a == 1) & (rows.y == 0))
+    keep[np.flatnonzero(~keep)[:3]] = True  # three rows of group b with label 0 are left
+    few = dataclasses.replace(data, train=Split(rows.X[keep][:-60], rows.y[keep][:-60], rows.a[keep][:-60]),
+                              val=Split(rows.X[keep][-60:], rows.y[keep][-60:], rows.a[keep][-60:]))
+    with pytest.raises(ValueError, match="cannot cross-fit 5 folds: group 'b' with label 0 has 3 rows"):
+        constraint.CrossFit.of(few, 5, seed=0)
+
+
+def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trains_on_the_training_split():
+    from groupmixnorm.methods import make_method
+    from groupmixnorm.training import TrainConfig
+
+    data = _dataset(30)
+    config = TrainConfig(epochs=3, iterations=5, batch_size=32, lr=0.01, hidden=(8,), seed=1)
+    bounds = {"dp_gap_hard": 0.5}
+    result = constraint.search(data, {"erm": {}}, bounds, config=config, budget=1)
+    rows = constraint.pooled_rows(data)
+    assert result.folds == 5 and len(result.judged_on) == len(rows)
+    out_of_fold = constraint.CrossFit.of(data, 5, config.seed).scores("erm", {}, data, config)
+    trial, = result.trials
+    assert trial.choice == constraint.choose_threshold(rows.y, out_of_fold, rows.a, bounds, seed=config.seed)
+    scorer, _ = constraint.fit_candidate(make_method("erm"), data, config)  # the holdout model, not a fold's
+    assert result.chosen is trial and np.array_equal(result.scorer(data.test), scorer(data.test))
+    holdout = constraint.search(data, {"erm": {}}, bounds, config=config, budget=1, cross_fit=1)
+    assert holdout.folds == 1 and holdout.judged_on is data.val
+    assert holdout.trials[0].choice == constraint.choose_threshold(data.val.y, scorer(data.val), data.val.a, bounds,
+                                                                   seed=config.seed)
+    assert "out-of-fold" in constraint.judged_on_text(result) and "validation split" in constraint.judged_on_text(holdout)
+
+
+def test_the_cross_fit_flag_is_said_and_checked(table, tmp_path, capsys):
+    capsys.readouterr()
+    argv = _argv(table, tmp_path, "--max-gap", "dp_gap_hard=0.3", "--methods", "erm")
+    assert cli.main([a for a in argv if a != "--quiet"] + ["--cross-fit", "auto"]) == 0
+    assert "cross-fitting 5 folds over the training and validation rows" in capsys.readouterr().err
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert "out-of-fold" in record["judged_on"]
+    assert cli.main([*argv, "--cross-fit", "1"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["judged_on"].startswith("the validation split")
+    for bad in ("0", "five"):
+        assert cli.main([*argv, "--cross-fit", bad]) == 2
+        assert "--cross-fit" in capsys.readouterr().err
+    assert cli.main(_argv(table, tmp_path, "--cross-fit", "3")) == 2
+    assert "--cross-fit applies to a --max-gap search" in capsys.readouterr().err

@@ -147,3 +147,18 @@ def test_clone_gives_an_unfitted_copy_that_refits_to_the_same_model_and_pickle_k
     np.testing.assert_array_equal(copy.decision_function(X), search.decision_function(X))
     restored = pickle.loads(pickle.dumps(search))
     np.testing.assert_array_equal(restored.predict(X), search.predict(X))
+
+
+def test_a_small_validation_part_is_cross_fitted_unless_told_otherwise(rows):
+    X, y, a = rows
+    # 600 rows hold out 150 for validation, some 75 per group: under 100, so "auto" cross-fits 5 folds.
+    small = slice(0, 600)
+    auto = FairSearchCV(ANY_GAP, methods=["erm"], budget=1, **LOOP).fit(X[small], y[small], sensitive_features=a[small])
+    holdout = FairSearchCV(ANY_GAP, methods=["erm"], budget=1, cross_fit=1, **LOOP).fit(
+        X[small], y[small], sensitive_features=a[small])
+    assert auto.n_splits_ == 5 and holdout.n_splits_ == 1
+    # The same setting trains the same model on the training part either way; only what judged it differs.
+    np.testing.assert_array_equal(auto.decision_function(X), holdout.decision_function(X))
+    assert FairSearchCV(ANY_GAP, methods=["erm"], budget=1, **LOOP).fit(X, y, sensitive_features=a).n_splits_ == 1
+    with pytest.raises(ValueError, match="'auto' or a whole number of folds"):
+        FairSearchCV(ANY_GAP, methods=["erm"], cross_fit=0, **LOOP).fit(X[small], y[small], sensitive_features=a[small])

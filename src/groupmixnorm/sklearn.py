@@ -364,6 +364,11 @@ class FairSearchCV(_NetworkClassifier):
     val_fraction : float, default=0.25
         Share of the rows held out for validation: the knobs, thresholds and feasibility are decided there,
         and the model trains on the rest.
+    cross_fit : "auto" or int, default="auto"
+        Folds over all the rows, each trial judged on its out-of-fold scores (one model per fold) rather
+        than on the validation part alone; the chosen setting then trains on the training part with early
+        stopping on the validation part. 1: never; ``"auto"``: 5 when the validation part has a group of
+        fewer than 100 rows, whose gaps it could not certify.
     hidden : tuple of int, default=(64, 64)
         Widths of the hidden layers.
     epochs : int, default=20
@@ -403,7 +408,10 @@ class FairSearchCV(_NetworkClassifier):
     cv_results_ : dict of str to ndarray
         One entry per trial: ``method``, ``knob`` (empty for none), ``value``, ``threshold``, ``val_ap``,
         ``val_accuracy``, ``val_<gap>`` and ``val_<gap>_upper`` (the bootstrap upper end) for each bounded
-        gap, ``feasible``, ``seconds`` and ``chosen``. ``value`` is NaN for a method without a knob.
+        gap, ``feasible``, ``seconds`` and ``chosen``. ``value`` is NaN for a method without a knob. The
+        ``val_`` numbers are out-of-fold when the search cross-fitted.
+    n_splits_ : int
+        The folds the search cross-fitted (1: none, the validation part decided).
     search_seconds_ : float
         Wall time of the search.
     classes_ : ndarray of shape (2,)
@@ -447,6 +455,7 @@ class FairSearchCV(_NetworkClassifier):
         budget: int = 20,
         select: str = "accuracy",
         val_fraction: float = 0.25,
+        cross_fit: int | str = "auto",
         hidden: tuple[int, ...] = (64, 64),
         epochs: int = 20,
         iterations: int | None = None,
@@ -463,6 +472,7 @@ class FairSearchCV(_NetworkClassifier):
         self.budget = budget
         self.select = select
         self.val_fraction = val_fraction
+        self.cross_fit = cross_fit
         self.hidden = hidden
         self.epochs = epochs
         self.iterations = iterations
@@ -513,14 +523,15 @@ class FairSearchCV(_NetworkClassifier):
                              seed=seed, select="ap")
         with torch_threads(self.threads), _global_random_state_kept(), self._executor() as executor:
             result = constraint.search(data, methods, bounds, config=config, budget=self.budget, select=self.select,
-                                       executor=executor)
+                                       executor=executor, cross_fit=self.cross_fit)
         table = constraint.front_table(result.trials, bounds, result.chosen)
         table["value"] = table["value"].astype(float)  # NaN, not None, for a method without a knob
         cv_results = {str(column): table[column].to_numpy() for column in table.columns}
         if result.chosen is None:
             for name in [key for key in vars(self) if key.endswith("_")]:  # no stale model of an earlier fit
                 delattr(self, name)
-            raise NoFeasibleModelError(constraint.closest_message(result.trials, bounds, data.val), cv_results)
+            raise NoFeasibleModelError(constraint.closest_message(result.trials, bounds, result.judged_on,
+                                                                       result.folds), cv_results)
         self._keep(result, cv_results, classes, group_names)
         self._mean, self._scale = standardization
         return self
@@ -588,6 +599,7 @@ class FairSearchCV(_NetworkClassifier):
         self.best_index_ = int(np.flatnonzero(cv_results["chosen"])[0])
         self.cv_results_ = cv_results
         self.search_seconds_ = result.seconds
+        self.n_splits_ = result.folds
         self.classes_, self.groups_ = classes, groups
         self.method_ = result.method
         # float64 for prediction, as GroupMixNormClassifier's, so a row's score does not depend on the batch.

@@ -125,6 +125,11 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
                       "protected attribute at prediction and can be saved) [default: --method if given, else auto]")
     fair.add_argument("--budget", type=int, default=None, metavar="N",
                       help="with --max-gap: trials per method (a method without a knob trains once) [default: 20]")
+    fair.add_argument("--cross-fit", default=None, metavar="auto|K",
+                      help="with --max-gap: judge each trial on the out-of-fold scores of the training and "
+                      "validation rows together, K folds (one model per fold), instead of on the validation "
+                      "split alone; the chosen setting then trains on the training split. 1: never; auto: 5 folds "
+                      "when the validation split has a group under 100 rows [default: auto]")
     _add_executor_options(fair, "trials of a --max-gap search (the methods side by side)")
 
     loop = train.add_argument_group("training loop")
@@ -300,6 +305,18 @@ def _check_csv_options(args: argparse.Namespace, given: dict[str, Any]) -> None:
         given["drop"] = [name for word in given["drop"] for name in word.split(",") if name]
 
 
+def _parse_folds(text: str | None) -> int | str:
+    if text is None or text == "auto":
+        return "auto"
+    try:
+        folds = int(text)
+    except ValueError:
+        folds = 0
+    if folds < 1:
+        raise UsageError(f"--cross-fit takes auto or a whole number of folds (1: none), got {text!r}")
+    return folds
+
+
 def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(part) for part in text.split(","))
@@ -317,7 +334,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.max_gap is None:
         given = [flag for flag, value in (("--methods", args.methods), ("--budget", args.budget),
-                                          ("--workers", args.workers), ("--ray", args.ray)) if value is not None]
+                                          ("--cross-fit", args.cross_fit), ("--workers", args.workers),
+                                          ("--ray", args.ray)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} applies to a --max-gap search; add --max-gap METRIC=BOUND")
     else:
@@ -376,12 +394,14 @@ def _run_constrained(args: argparse.Namespace) -> int:
     select = args.select or "accuracy"
     source = data_fingerprint(spec.to_dict())
     data = load_run_data(spec.to_dict())
+    folds = _search_folds(args, data)
     executor = _executor(args)
     progress = None if args.quiet else _search_progress(methods, budget, select, executor)
     try:
         with executor:
             result = constraint.search(data, methods, bounds, config=spec.config, budget=budget, select=select,
-                                       on_trial=progress.update if progress else None, executor=executor)
+                                       on_trial=progress.update if progress else None, executor=executor,
+                                       cross_fit=folds)
     finally:
         if progress:
             progress.close()
@@ -390,7 +410,7 @@ def _run_constrained(args: argparse.Namespace) -> int:
     table.to_csv(args.out / "front.csv", index=False)
     constraint.plot_front(table, bounds, select, args.out / "front.png")
     if result.chosen is None:
-        message = constraint.closest_message(result.trials, bounds, data.val)
+        message = constraint.closest_message(result.trials, bounds, result.judged_on, result.folds)
         print(f"groupmixnorm train: error: {message}", file=sys.stderr)
         return NO_FEASIBLE_EXIT
     seed = spec.config.seed
@@ -459,6 +479,19 @@ def _search_methods(args: argparse.Namespace, bounds: dict[str, float], explicit
                              "--max-gap search returns models that do not")
         methods[name] = options
     return methods
+
+
+def _search_folds(args: argparse.Namespace, data: Any) -> int:
+    """The folds of the search (``--cross-fit``), said in one line when it cross-fits."""
+    from groupmixnorm.experiments import constraint
+
+    folds = constraint.resolve_folds(data, _parse_folds(args.cross_fit))
+    if folds > 1 and not args.quiet:
+        why = "" if args.cross_fit is not None else (f" (the validation split's smallest group has "
+                                                     f"{constraint.smallest_group_rows(data.val)} rows; "
+                                                     "--cross-fit 1 for none)")
+        print(f"cross-fitting {folds} folds over the training and validation rows{why}", file=sys.stderr)
+    return folds
 
 
 def _check_search_flags(args: argparse.Namespace) -> None:

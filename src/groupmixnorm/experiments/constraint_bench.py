@@ -10,6 +10,7 @@ same bound, compared seed by seed, and says whether the bound held on test.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,18 @@ class ConstraintRun:
     def trials(self) -> int:
         return sum(1 if name not in constraint.KNOBS else self.budget for name in self.methods)
 
+    def folds(self) -> int:
+        """The folds the search cross-fits (``train --max-gap``'s default, ``--cross-fit auto``; 1: none)."""
+        return _cross_fit_folds(self)
+
     def identity(self) -> dict[str, Any]:
-        """What decides the search's outcome; a stored record with another identity is searched again."""
+        """What decides the search's outcome; a stored record with another identity is searched again. The
+        folds are named only for a cross-fitted search, so the records of the others, made before
+        cross-fitting existed, keep their identity."""
+        folds = self.folds()
         return {"spec": self.spec().to_dict(), "methods": self.candidates(), "bounds": BOUNDS, "budget": self.budget,
                 "select": SELECT, "thresholds": list(constraint.THRESHOLDS), "resamples": constraint.RESAMPLES,
-                "feasibility": constraint.FEASIBILITY}
+                "feasibility": constraint.FEASIBILITY, **({"cross_fit": folds} if folds > 1 else {})}
 
     def command(self) -> str:
         spec = self.spec()
@@ -76,6 +84,11 @@ class ConstraintRun:
     def key(self) -> str:
         """Where the search's record is stored: the data set's folder, the seed and a digest of the identity."""
         return f"{self.dataset}/seed{self.seed}-{json_digest(self.identity())}"
+
+
+@functools.cache
+def _cross_fit_folds(run: ConstraintRun) -> int:
+    return constraint.resolve_folds(load_run_data(run.spec().to_dict()))
 
 
 def constraint_runs(*, quick: bool = False, seeds: int = 5, datasets: Sequence[str] | None = None,
@@ -107,13 +120,13 @@ def run_search(run: ConstraintRun, *, executor: Any = None,
     spec = run.spec()
     data = load_run_data(spec.to_dict())
     result = constraint.search(data, run.candidates(), BOUNDS, config=spec.config, budget=run.budget, select=SELECT,
-                               executor=executor, on_trial=on_trial)
+                               executor=executor, on_trial=on_trial, cross_fit=run.folds())
     record: dict[str, Any] = {"identity": run.identity(), "command": run.command(),
                               "front": constraint.front_table(result.trials, BOUNDS, result.chosen)
                               .to_dict(orient="records")}
     if result.chosen is None:
-        return {**record, "chosen": None, "closest": constraint.closest_message(result.trials, BOUNDS, data.val),
-                "search_seconds": result.seconds}
+        closest = constraint.closest_message(result.trials, BOUNDS, result.judged_on, result.folds)
+        return {**record, "chosen": None, "closest": closest, "search_seconds": result.seconds}
     threshold = result.chosen.choice.threshold
     warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), threshold)
     test = constraint.score_test(result, data, BOUNDS, seed=spec.config.seed)

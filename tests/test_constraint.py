@@ -397,7 +397,8 @@ def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trai
     assert holdout.folds == 1 and holdout.judged_on is data.val
     assert holdout.trials[0].choice == constraint.choose_threshold(data.val.y, scorer(data.val), data.val.a, bounds,
                                                                    seed=config.seed)
-    assert "out-of-fold" in constraint.judged_on_text(result) and "validation split" in constraint.judged_on_text(holdout)
+    assert "out-of-fold" in constraint.judged_on_text(result)
+    assert "validation split" in constraint.judged_on_text(holdout)
 
 
 def test_the_cross_fit_flag_is_said_and_checked(table, tmp_path, capsys):

@@ -260,6 +260,20 @@ def test_a_ddp_training_step_has_the_single_process_gradients(tmp_path: Path, op
         torch.testing.assert_close(distributed[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_a_process_group_the_caller_joined_is_left_to_the_caller() -> None:
+    from groupmixnorm.training import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert distributed.workers_from_environment(torch.device("cpu")) == distributed.Workers(0, 1)
+        distributed.leave_process_group()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    distributed.leave_process_group()  # nothing joined, nothing to leave: no error
+    assert not dist.is_initialized()
+
+
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 

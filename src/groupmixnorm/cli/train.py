@@ -330,6 +330,7 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
 def _run_train(args: argparse.Namespace) -> int:
     from groupmixnorm.experiments import execute
     from groupmixnorm.training import TrainingDiverged
+    from groupmixnorm.training.distributed import leave_process_group
     from groupmixnorm.files import write_json_atomic
 
     if args.max_gap is None:
@@ -356,6 +357,7 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
+    leave_process_group()
     if not main_process:
         return 0
     record["command"] = spec.command(out=str(args.out))

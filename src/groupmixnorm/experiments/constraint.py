@@ -310,9 +310,9 @@ class CrossFit:
         present, counts = np.unique(cells, return_counts=True)
         for cell, count in zip(present, counts):
             if count < folds:
-                raise ValueError(f"cannot cross-fit {folds} folds: group {data.group_names[int(cell % data.num_groups)]!r}"
-                                 f" with label {int(cell // data.num_groups)} has {count} rows in the training and "
-                                 "validation splits together, fewer than the folds")
+                group, label = data.group_names[int(cell % data.num_groups)], int(cell // data.num_groups)
+                raise ValueError(f"cannot cross-fit {folds} folds: group {group!r} with label {label} has {count} rows "
+                                 "in the training and validation splits together, fewer than the folds")
         fold = np.empty(len(rows), dtype=np.int64)
         for number, (_, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed)
                                            .split(rows.X, cells)):

@@ -167,7 +167,8 @@ def results_table(runs: Sequence[ConstraintRun], records: Sequence[dict[str, Any
     rows = []
     for run, record in zip(runs, records):
         row: dict[str, Any] = {"dataset": run.dataset, "seed": run.seed, "feasible": record["chosen"] is not None,
-                               "search_seconds": record["search_seconds"], "trials": len(record["front"])}
+                               "search_seconds": record["search_seconds"], "trials": len(record["front"]),
+                               "folds": run.folds()}
         if record["chosen"] is not None:
             chosen, test = record["chosen"], record["test"]
             row.update(method=chosen["method"], knob=chosen["knob"] or "", value=chosen["value"],
@@ -215,6 +216,7 @@ def constraint_markdown(runs: Sequence[ConstraintRun], records: Sequence[dict[st
         "The test split is read once per "
         f"search, for its choice. Candidates ({candidates}): {methods}.",
         "",
+        *_cross_fit_lines(runs),
         f"**Best single method**: among the methods of `tabular.md` (ERM included, thresholdopt left out: it "
         f"needs the attribute), the one of best mean test AP among those whose setting chosen on validation met "
         f"{gap} <= {bound} on every seed. The verdicts are paired comparisons over seeds with the best (by the "
@@ -241,6 +243,20 @@ def constraint_markdown(runs: Sequence[ConstraintRun], records: Sequence[dict[st
     if closest:
         lines += ["", "Searches with no feasible trial, and their closest trial:", "", *closest]
     return "\n".join([*lines, ""])
+
+
+def _cross_fit_lines(runs: Sequence[ConstraintRun]) -> list[str]:
+    """A paragraph naming the cross-fitted data sets, if any."""
+    crossed = {run.dataset: run.folds() for run in runs if run.folds() > 1}
+    if not crossed:
+        return []
+    names = ", ".join(f"{name} ({folds} folds)" for name, folds in crossed.items())
+    return [f"**Cross-fitted** (`--cross-fit auto`: a validation split with a group under "
+            f"{constraint.SMALL_GROUP_ROWS} rows cannot certify the bound): {names}. Each of their trials is judged "
+            "on the out-of-fold scores of one model per fold over the training and validation rows together; the "
+            "chosen setting then trains once more on the training split, with early stopping on validation, and "
+            "that model is the one scored on test. The other data sets' trials are judged on their validation "
+            "split.", ""]
 
 
 def _verdicts(table: pd.DataFrame, singles: pd.DataFrame, score: str) -> dict[str, str]:

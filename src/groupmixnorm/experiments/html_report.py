@@ -455,9 +455,10 @@ def _front_section(search: decision.SearchFront) -> str:
     trials = table.drop(columns=["seconds", "chosen"], errors="ignore").assign(
         chosen=["\u2714 chosen" if chosen else "" for chosen in table["chosen"]])
     trials.index = range(1, len(trials) + 1)
+    judged_on = search.record.get("judged_on", "the validation split")  # searches before cross-fitting say nothing
     return _section("Validation front of the search", f"<p>Every trial of the <code>train --max-gap</code> search "
-                    f"in {html.escape(str(search.folder))}, on the validation split: the objective against each "
-                    "bounded gap's bootstrap upper end, the bound dashed, the chosen model circled.</p>"
+                    f"in {html.escape(str(search.folder))}, judged on {html.escape(judged_on)}: the objective against "
+                    "each bounded gap's bootstrap upper end, the bound dashed, the chosen model circled.</p>"
                     + _image(search.png, "validation front with the chosen trial")
                     + _table(trials, "front"))
 

@@ -11,7 +11,7 @@ reference (values and gradients, every shape and degenerate batch).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -273,7 +273,11 @@ def _moments_input_grad(
         terms = [(slope, x)] if slope is not None else []
         if d_out is not None:
             terms.append((scale, d_out))
-        return _rowwise_combine(x, groups, terms, offset, _block_rows(x), out=buffer)
+        block = _block_rows(x)
+        if block >= x.shape[0] and len(terms) + (offset is not None) > 1:
+            # Unblocked, the sum needs a gathered table beside the output: in two halves it is half a batch.
+            block = (x.shape[0] + 1) // 2
+        return _rowwise_combine(x, groups, terms, offset, block, out=buffer)
     grad = None
     if offset is not None:
         grad = broadcast_rows(gather_rows(offset, groups), x)
@@ -470,55 +474,68 @@ class _SharedMixFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_mean=None, d_var=None, d_batch_mean=None, d_batch_var=None):  # noqa: ANN205, C901
+    def backward(ctx, d_out, d_mean=None, d_var=None, d_batch_mean=None, d_batch_var=None):  # noqa: ANN205
         x, groups, counts, mixing, weight, mean, batch_mean = ctx.saved_tensors
-        table_mean = mean if ctx.table_mean is None else ctx.table_mean
-        table_std, scale, factor, batch_std = ctx.table_std, ctx.scale, ctx.factor, ctx.batch_std
-        needs_x, _, _, needs_mixing, needs_weight, needs_bias = ctx.needs_input_grad[:6]
         d_mixing = d_weight = d_bias = buffer = None
         if d_out is not None:
             d_scale, d_shift, buffer = _table_grads(x, ctx.segments, d_out, block=ctx.block)
-            # y = scale_g * (x - m_g) + level, level = mu_mix * factor + offset, scale_g = sigma_mix * factor / s_g.
-            standardized = torch.addcmul(d_scale, table_mean, d_shift, value=-1).div_(table_std)  # sum_g dy (x-m)/s
-            d_level = d_shift.sum(dim=0)
-            d_spread = standardized.sum(dim=0)  # d / d(sigma_mix * factor)
-            d_mixed_mean = d_level if factor is None else d_level * factor
-            d_mixed_std = d_spread if factor is None else d_spread * factor
-            # Table rows: directly (each group's own normalization) and through the mixture.
-            d_table_mean = torch.outer(mixing, d_mixed_mean).addcmul_(scale, d_shift, value=-1)
-            d_table_var = torch.outer(mixing, d_mixed_std).addcmul_(standardized, scale, value=-1)
-            if needs_mixing:
-                d_mixing = torch.addmv(torch.mv(table_mean, d_mixed_mean), table_std, d_mixed_std)
-            d_table_var.div_(table_std).mul_(0.5)  # through s = sqrt(var + eps)
-            extra_batch_mean = extra_batch_var = None
-            if factor is not None and (batch_std is not None or needs_weight):
-                d_factor = torch.mul(ctx.mixed_std, d_spread).addcmul_(ctx.mixed_mean, d_level)
-                if batch_std is not None:
-                    # factor = w / sigma_B, offset = b - mu_B * factor, sigma_B = sqrt(var_B + eps).
-                    d_factor.addcmul_(batch_mean, d_level, value=-1).div_(batch_std)  # now the gradient of w
-                    extra_batch_mean = torch.mul(factor, d_level).neg_()
-                    extra_batch_var = torch.mul(d_factor, factor).div_(batch_std).mul_(-0.5)
-                if needs_weight:
-                    d_weight = d_factor
-            if needs_bias:
-                d_bias = d_level
-            fallback_mean = fallback_var = None
-            if not ctx.all_eligible:
-                # A group without its own statistics has the batch's in its row.
-                usable = eligible_groups(counts).unsqueeze(1).to(x.dtype)
-                own_mean, own_var = d_table_mean * usable, d_table_var * usable
-                fallback_mean = (d_table_mean - own_mean).sum(dim=0)
-                fallback_var = (d_table_var - own_var).sum(dim=0)
-                d_table_mean, d_table_var = own_mean, own_var
-            d_mean = _sum_or_none(d_table_mean, d_mean)
-            d_var = _sum_or_none(d_table_var, d_var)
-            d_batch_mean = _sum_or_none(fallback_mean, extra_batch_mean, d_batch_mean)
-            d_batch_var = _sum_or_none(fallback_var, extra_batch_var, d_batch_var)
+            d_mixing, d_weight, d_bias, *through = _shared_mix_table_backward(ctx, d_scale, d_shift, mixing, counts,
+                                                                              mean, batch_mean)
+            del d_scale, d_shift  # the (G, C) tables that are spent: they need not live through the batch pass
+            d_mean, d_var, d_batch_mean, d_batch_var = (
+                _sum_or_none(*pair) for pair in zip(through, (d_mean, d_var, d_batch_mean, d_batch_var)))
         d_x = None
-        if needs_x:
+        if ctx.needs_input_grad[0]:
             d_x = _moments_input_grad(x, groups, ctx.inverse_counts, mean, batch_mean, d_mean, d_var, d_batch_mean,
-                                      d_batch_var, d_out=d_out, scale=scale, buffer=buffer)
+                                      d_batch_var, d_out=d_out, scale=ctx.scale, buffer=buffer)
         return d_x, None, None, d_mixing, d_weight, d_bias, None, None, None, None, None
+
+
+def _shared_mix_table_backward(
+    ctx: Any, d_scale: Tensor, d_shift: Tensor, mixing: Tensor, counts: Tensor, mean: Tensor, batch_mean: Tensor
+) -> tuple[Tensor | None, ...]:
+    """The chain rule of :class:`_SharedMixFunction` through its ``(G, C)`` arithmetic, from the segment sums
+    ``d_scale = sum_g dy * x`` and ``d_shift = sum_g dy``: the gradients of the mixture, weight and bias,
+    then those reaching the group means and variances and the batch's mean and variance."""
+    table_mean = mean if ctx.table_mean is None else ctx.table_mean
+    table_std, scale, factor, batch_std = ctx.table_std, ctx.scale, ctx.factor, ctx.batch_std
+    needs_mixing, needs_weight, needs_bias = ctx.needs_input_grad[3:6]
+    d_mixing = d_weight = d_bias = None
+    # y = scale_g * (x - m_g) + level, level = mu_mix * factor + offset, scale_g = sigma_mix * factor / s_g.
+    standardized = torch.addcmul(d_scale, table_mean, d_shift, value=-1).div_(table_std)  # sum_g dy (x-m)/s
+    d_level = d_shift.sum(dim=0)
+    d_spread = standardized.sum(dim=0)  # d / d(sigma_mix * factor)
+    d_mixed_mean = d_level if factor is None else d_level * factor
+    d_mixed_std = d_spread if factor is None else d_spread * factor
+    # Table rows: directly (each group's own normalization) and through the mixture.
+    d_table_mean = torch.outer(mixing, d_mixed_mean).addcmul_(scale, d_shift, value=-1)
+    d_table_var = torch.outer(mixing, d_mixed_std).addcmul_(standardized, scale, value=-1)
+    if needs_mixing:
+        d_mixing = torch.addmv(torch.mv(table_mean, d_mixed_mean), table_std, d_mixed_std)
+    d_table_var.div_(table_std).mul_(0.5)  # through s = sqrt(var + eps)
+    extra_batch_mean = extra_batch_var = None
+    if factor is not None and (batch_std is not None or needs_weight):
+        d_factor = torch.mul(ctx.mixed_std, d_spread).addcmul_(ctx.mixed_mean, d_level)
+        if batch_std is not None:
+            # factor = w / sigma_B, offset = b - mu_B * factor, sigma_B = sqrt(var_B + eps).
+            d_factor.addcmul_(batch_mean, d_level, value=-1).div_(batch_std)  # now the gradient of w
+            extra_batch_mean = torch.mul(factor, d_level).neg_()
+            extra_batch_var = torch.mul(d_factor, factor).div_(batch_std).mul_(-0.5)
+        if needs_weight:
+            d_weight = d_factor
+    if needs_bias:
+        d_bias = d_level
+    fallback_mean = fallback_var = None
+    if not ctx.all_eligible:
+        # A group without its own statistics has the batch's in its row.
+        usable = eligible_groups(counts)
+        fallback_mean, fallback_var = d_table_mean[~usable].sum(dim=0), d_table_var[~usable].sum(dim=0)
+        usable = usable.unsqueeze(1).to(mean.dtype)
+        d_table_mean.mul_(usable)
+        d_table_var.mul_(usable)
+    d_batch_mean = _sum_or_none(fallback_mean, extra_batch_mean)
+    d_batch_var = _sum_or_none(fallback_var, extra_batch_var)
+    return d_mixing, d_weight, d_bias, d_table_mean, d_table_var, d_batch_mean, d_batch_var
 
 
 class _NoContext:

@@ -53,6 +53,10 @@ class Workers:
         return dict(zip(values, total.tolist()))
 
 
+#: Whether :func:`workers_from_environment` joined the process group (and :func:`leave_process_group` should leave it).
+_joined = False
+
+
 def workers_from_environment(device: torch.device) -> Workers:
     """The process group ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
     ``MASTER_ADDR``...), joined if not yet (gloo on the CPU, nccl on CUDA); one worker without it."""
@@ -62,8 +66,21 @@ def workers_from_environment(device: torch.device) -> Workers:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     if not dist.is_initialized():
+        global _joined
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _joined = True
     return Workers(dist.get_rank(), dist.get_world_size())
+
+
+def leave_process_group() -> None:
+    """After a run that succeeded on every process: wait for the others, then leave the process group that
+    :func:`workers_from_environment` joined (a group joined by the caller is the caller's to leave). A
+    process that exits with the group still up may abort while gloo's threads are torn down."""
+    global _joined
+    if _joined and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _joined = False
 
 
 def check_method(method: Method, workers: Workers) -> None:

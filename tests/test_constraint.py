@@ -388,7 +388,7 @@ def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trai
     result = constraint.search(data, {"erm": {}}, bounds, config=config, budget=1)
     rows = constraint.pooled_rows(data)
     assert result.folds == 5 and len(result.judged_on) == len(rows)
-    out_of_fold = constraint.CrossFit.of(data, 5, config.seed).scores("erm", {}, data, config)
+    out_of_fold = constraint.CrossFit.of(data, 5, config.seed).scores("erm", {}, data, config, rows)
     trial, = result.trials
     assert trial.choice == constraint.choose_threshold(rows.y, out_of_fold, rows.a, bounds, seed=config.seed)
     scorer, _ = constraint.fit_candidate(make_method("erm"), data, config)  # the holdout model, not a fold's

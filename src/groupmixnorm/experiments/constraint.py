@@ -267,9 +267,7 @@ def resolve_folds(data: Any, folds: int | str = "auto") -> int:
     """How many folds a search over ``data`` cross-fits: ``folds`` itself when it is a number (1: none, the
     validation split decides), or for ``"auto"`` :data:`CROSS_FIT_FOLDS` when a group present in the
     validation split has fewer than :data:`SMALL_GROUP_ROWS` rows there, else 1."""
-    if isinstance(folds, str):
-        if folds != "auto":
-            raise ValueError(f"cross-fitting takes 'auto' or a whole number of folds (1: none), got {folds!r}")
+    if folds == "auto":
         return CROSS_FIT_FOLDS if smallest_group_rows(data.val) < SMALL_GROUP_ROWS else 1
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 1:
         raise ValueError(f"cross-fitting takes 'auto' or a whole number of folds (1: none), got {folds!r}")
@@ -319,13 +317,13 @@ class CrossFit:
             fold[held] = number
         return cls(fold)
 
-    def scores(self, name: str, options: dict[str, Any], data: Any, config: Any) -> np.ndarray:
-        """Out-of-fold scores of method ``name`` with ``options`` for every pooled row: one model per fold,
-        trained on the other folds with early stopping on its own."""
+    def scores(self, name: str, options: dict[str, Any], data: Any, config: Any, rows: Any) -> np.ndarray:
+        """Out-of-fold scores of method ``name`` with ``options`` for every row of ``rows``
+        (:func:`pooled_rows` of ``data``): one model per fold, trained on the other folds with early
+        stopping on its own."""
         from groupmixnorm.data.tabular import Split
         from groupmixnorm.methods import make_method
 
-        rows = pooled_rows(data)
         scores = np.empty(len(rows), dtype=np.float64)
         for number in range(self.folds):
             held = self.fold == number
@@ -478,7 +476,8 @@ def fit_trial(data: Any, config: Any, bounds: Mapping[str, float], name: str, op
     clock = time.perf_counter()
     data = shared_value(data)
     if crossing is not None:
-        rows, scores = pooled_rows(data), crossing.scores(name, options, data, config)
+        rows = pooled_rows(data)
+        scores = crossing.scores(name, options, data, config, rows)
         choice = choose_threshold(rows.y, scores, rows.a, bounds, seed=config.seed)
         return TrialFit(choice, time.perf_counter() - clock, _digest(scores))
     method = make_method(name, **options)

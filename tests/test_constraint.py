@@ -211,12 +211,21 @@ def test_a_threshold_that_decides_nothing_is_never_feasible():
     assert not choice.feasible  # both thresholds give every row one prediction (a gap of 0 for free)
 
 
-def test_weak_models_are_warned_about():
+def _judged(split, scores, threshold, folds=1):
+    """A search result whose one (chosen) trial decided ``split`` at ``threshold`` with ``scores``."""
+    choice = constraint.ThresholdChoice(threshold, 0.0, 0.0, {}, {}, 1.0, 0.0, True)
+    trial = constraint.Trial("erm", None, None, choice, 0.0)
+    return constraint.SearchResult([trial], trial, None, None, None, 0.0, folds, split, scores, threshold)
+
+
+def test_weak_models_are_warned_about_on_the_rows_they_were_judged_on():
     split = Split(np.zeros((4, 1)), np.array([1, 1, 1, 0]), np.array([0, 1, 0, 1]))
-    lines = constraint.weak_model_warnings(split, np.array([0.6, 0.6, 0.61, 0.6]), 0.5)
-    assert len(lines) == 2
+    lines = constraint.weak_model_warnings(_judged(split, np.array([0.6, 0.6, 0.61, 0.6]), 0.5))
+    assert len(lines) == 2 and "validation" in lines[0]
     assert "no better than predicting the majority class (0.7500)" in lines[0] and "collapsed" in lines[1]
-    assert constraint.weak_model_warnings(split, np.array([0.9, 0.8, 0.7, 0.1]), 0.5) == []
+    assert constraint.weak_model_warnings(_judged(split, np.array([0.9, 0.8, 0.7, 0.1]), 0.5)) == []
+    crossed = constraint.weak_model_warnings(_judged(split, np.array([0.6, 0.6, 0.61, 0.6]), 0.5, folds=5))
+    assert "out-of-fold" in crossed[0]
 
 
 def test_auto_searches_the_methods_that_need_no_attribute_and_can_be_saved():
@@ -378,7 +387,7 @@ def test_a_cell_with_fewer_rows_than_folds_is_refused_by_name():
         constraint.CrossFit.of(few, 5, seed=0)
 
 
-def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trains_on_the_training_split():
+def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trains_on_all_the_pooled_rows():
     from groupmixnorm.methods import make_method
     from groupmixnorm.training import TrainConfig
 
@@ -389,16 +398,36 @@ def test_a_cross_fitted_trial_is_judged_on_out_of_fold_scores_and_the_model_trai
     rows = constraint.pooled_rows(data)
     assert result.folds == 5 and len(result.judged_on) == len(rows)
     out_of_fold = constraint.CrossFit.of(data, 5, config.seed).scores("erm", {}, data, config, rows)
+    assert len(out_of_fold.epochs) == 5 and all(1 <= epochs <= config.epochs for epochs in out_of_fold.epochs)
     trial, = result.trials
-    assert trial.choice == constraint.choose_threshold(rows.y, out_of_fold, rows.a, bounds, seed=config.seed)
-    scorer, _ = constraint.fit_candidate(make_method("erm"), data, config)  # the holdout model, not a fold's
-    assert result.chosen is trial and np.array_equal(result.scorer(data.test), scorer(data.test))
+    assert trial.choice == constraint.choose_threshold(rows.y, out_of_fold.scores, rows.a, bounds, seed=config.seed)
+    assert np.array_equal(result.judged_scores, out_of_fold.scores)
+    # The model: trained on every pooled row for the folds' median epochs, the last one kept.
+    epochs = int(np.floor(np.median(out_of_fold.epochs)))
+    assert result.refit_epochs == epochs
+    pooled = dataclasses.replace(data, train=rows)
+    refit = constraint.fit_candidate(make_method("erm"), pooled, dataclasses.replace(config, epochs=epochs,
+                                                                                     select="last"))
+    assert result.chosen is trial and np.array_equal(result.scorer(data.test), refit.scorer(data.test))
+    # Its threshold accepts the share of the pooled rows that the out-of-fold decisions accepted.
+    share = np.mean(out_of_fold.scores >= trial.choice.threshold)
+    assert abs(np.mean(result.scorer(rows) >= result.threshold) - share) <= 0.5 / len(rows) + 1e-12 or \
+        np.sum(result.scorer(rows) == result.threshold) > 1  # only tied scores can move the share further
+    scorer = constraint.fit_candidate(make_method("erm"), data, config).scorer  # the holdout search's model
     holdout = constraint.search(data, {"erm": {}}, bounds, config=config, budget=1, cross_fit=1)
     assert holdout.folds == 1 and holdout.judged_on is data.val
     assert holdout.trials[0].choice == constraint.choose_threshold(data.val.y, scorer(data.val), data.val.a, bounds,
                                                                    seed=config.seed)
-    assert "out-of-fold" in constraint.judged_on_text(result)
+    assert holdout.threshold == holdout.trials[0].choice.threshold and holdout.refit_epochs is None
+    assert "out-of-fold" in constraint.judged_on_text(result) and "median" in constraint.judged_on_text(result)
     assert "validation split" in constraint.judged_on_text(holdout)
+
+
+def test_the_rate_threshold_accepts_the_share_asked_for():
+    scores = np.array([0.9, 0.1, 0.5, 0.7, 0.3])
+    for share, accepted in ((1.0, 5), (0.6, 3), (0.5, 2), (0.2, 1), (0.0, 0)):  # 0.5 of 5 rounds to 2 (even)
+        threshold = constraint.rate_threshold(scores, share)
+        assert np.sum(scores >= threshold) == accepted
 
 
 def test_the_cross_fit_flag_is_said_and_checked(table, tmp_path, capsys):

@@ -592,7 +592,7 @@ class FairSearchCV(_NetworkClassifier):
         chosen = result.chosen
         assert chosen is not None
         self.best_method_ = chosen.method
-        self.threshold_ = float(chosen.choice.threshold)
+        self.threshold_ = float(result.threshold)
         self.best_params_ = {**({} if chosen.knob is None else {chosen.knob: chosen.value}),
                              "threshold": self.threshold_}
         self.best_score_ = chosen.choice.objective(self.select)

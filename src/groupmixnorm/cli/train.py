@@ -416,7 +416,7 @@ def _run_constrained(args: argparse.Namespace) -> int:
         print(f"groupmixnorm train: error: {message}", file=sys.stderr)
         return NO_FEASIBLE_EXIT
     seed = spec.config.seed
-    warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), result.chosen.choice.threshold)
+    warnings = constraint.weak_model_warnings(result)
     test = constraint.score_test(result, data, bounds, seed=seed)  # the only look at the test split
     record = constraint.summary_record(result, data, bounds, select=select, budget=budget, seed=seed, test=test,
                                        warnings=warnings)
@@ -440,7 +440,7 @@ def _write_constrained(args: argparse.Namespace, record: dict[str, Any], result:
 
     if args.save is not None:
         save_checkpoint(args.save, model=result.model, method=result.method, spec=spec, data=data, source=source,
-                        threshold=result.chosen.choice.threshold)
+                        threshold=result.threshold)
         record["checkpoint"] = str(args.save)
     write_json_atomic(args.out / "metrics.json", record)
 

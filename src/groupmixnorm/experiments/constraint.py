@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -175,6 +175,9 @@ def gap_interval(name: str, y: np.ndarray, scores: np.ndarray, groups: np.ndarra
 BEATS_MAJORITY = "beats_majority"
 #: The one-sided level of the usefulness test: that of the two-sided interval's lower end.
 USEFUL_LEVEL = (1.0 - CONFIDENCE) / 2
+#: How a cross-fitted search makes its model, in words (the bench's records name it).
+CROSS_FIT_REFIT = ("the chosen setting trained on the training and validation rows together for the folds' median "
+                   "epochs, deciding at the score that accepts the share of them its out-of-fold decisions accepted")
 #: The feasibility rule, in words: what ``metrics.json`` and the bench records say was applied.
 FEASIBILITY = (f"every bound >= the upper end of the {CONFIDENCE:.0%} stratified bootstrap interval of the "
                f"validation gap, and the one-sided exact sign test of validation accuracy against the majority "
@@ -317,7 +320,7 @@ class CrossFit:
             fold[held] = number
         return cls(fold)
 
-    def scores(self, name: str, options: dict[str, Any], data: Any, config: Any, rows: Any) -> np.ndarray:
+    def scores(self, name: str, options: dict[str, Any], data: Any, config: Any, rows: Any) -> OutOfFold:
         """Out-of-fold scores of method ``name`` with ``options`` for every row of ``rows``
         (:func:`pooled_rows` of ``data``): one model per fold, trained on the other folds with early
         stopping on its own."""
@@ -325,13 +328,54 @@ class CrossFit:
         from groupmixnorm.methods import make_method
 
         scores = np.empty(len(rows), dtype=np.float64)
+        epochs = []
         for number in range(self.folds):
             held = self.fold == number
             part = dataclasses.replace(data, train=Split(rows.X[~held], rows.y[~held], rows.a[~held]),
                                        val=Split(rows.X[held], rows.y[held], rows.a[held]))
-            scorer, _ = fit_candidate(make_method(name, **options), part, config)
-            scores[held] = scorer(part.val)
-        return scores
+            fitted = fit_candidate(make_method(name, **options), part, config)
+            scores[held] = fitted.scorer(part.val)
+            epochs.append(fitted.epochs)
+        return OutOfFold(scores, tuple(epochs))
+
+
+class OutOfFold(NamedTuple):
+    """A cross-fitted trial's scores of the pooled rows, each from the fold model that did not train on it,
+    and the epochs each fold model trained up to the one its early stopping kept."""
+
+    scores: np.ndarray
+    epochs: tuple[int, ...]
+
+    def refit_epochs(self) -> int:
+        """How long the final model trains on all the pooled rows: the folds' median epochs (rounded down)."""
+        return int(np.floor(np.median(self.epochs)))
+
+
+def rate_threshold(scores: np.ndarray, acceptance: float) -> float:
+    """The threshold at which ``score >= threshold`` accepts the share ``acceptance`` of ``scores`` (the
+    nearest whole number of rows; a threshold above every score when that is none)."""
+    ranked = np.sort(np.asarray(scores, dtype=np.float64))
+    accepted = int(round(acceptance * len(ranked)))
+    if accepted == 0:
+        return float(np.nextafter(ranked[-1], np.inf))
+    return float(ranked[len(ranked) - accepted])
+
+
+def refit_on_pooled(method: Any, data: Any, config: Any, judged: OutOfFold, threshold: float) -> tuple[Candidate, float]:
+    """The model of a cross-fitted choice: ``method`` (a fresh one, of the chosen setting) trained on all the pooled rows
+    for :meth:`OutOfFold.refit_epochs` epochs (no held-out rows are left to stop it early), and the
+    threshold at which it accepts the same share of those rows as the trial's out-of-fold decisions at
+    ``threshold`` did. A share, not the score: models trained apart put their scores on different scales
+    (the same score may reject 2 rows of 200 with one fold model and 40 with another), while the share of
+    the pooled rows is what the out-of-fold numbers certified."""
+    rows = pooled_rows(data)
+    # The validation rows are among the training rows now; the loop still scores them every epoch, but
+    # "last" keeps the final epoch whatever they say.
+    pooled = dataclasses.replace(data, train=rows)
+    fitted = fit_candidate(method, pooled,
+                           dataclasses.replace(config, epochs=judged.refit_epochs(), select="last"))
+    acceptance = float(np.mean(judged.scores >= threshold))
+    return fitted, rate_threshold(fitted.scorer(rows), acceptance)
 
 
 # ------------------------------------------------------------------------------------------------ trials
@@ -368,10 +412,18 @@ class Trial:
         return row
 
 
-def fit_candidate(method: Any, data: Any, config: Any) -> tuple[Scorer, Any]:
+class Candidate(NamedTuple):
+    """A trained candidate: a scorer of any split, the torch model (``None`` for a method fitted outside the
+    loop) and the epochs trained up to the one kept (1 for a method fitted outside the loop)."""
+
+    scorer: Scorer
+    model: Any
+    epochs: int
+
+
+def fit_candidate(method: Any, data: Any, config: Any) -> Candidate:
     """Train ``method`` with the loop's early stopping on validation AP, never showing it the test split
-    (the loop scores its "test" split at the end: it is handed the validation split there). Returns a
-    scorer of any split and the torch model (``None`` for a method fitted outside the loop)."""
+    (the loop scores its "test" split at the end: it is handed the validation split there)."""
     from groupmixnorm.data.tabular import check_splits
     from groupmixnorm.training import train
     from groupmixnorm.training.loop import evaluate, seed_everything, to_tensors
@@ -381,16 +433,20 @@ def fit_candidate(method: Any, data: Any, config: Any) -> tuple[Scorer, Any]:
     seed_everything(config.seed)
     outside = method.fit_outside_loop(masked, config)
     if outside is not None:
-        return (lambda split: np.asarray(outside(split.X, split.a), dtype=np.float64)), None
-    model = train(method, masked, config).model
-    return (lambda split: evaluate(method, model, to_tensors(split, config.device))[1]), model
+        return Candidate(lambda split: np.asarray(outside(split.X, split.a), dtype=np.float64), None, 1)
+    result = train(method, masked, config)
+    model = result.model
+    return Candidate(lambda split: evaluate(method, model, to_tensors(split, config.device))[1], model,
+                     result.selected_epoch + 1)
 
 
 @dataclass
 class SearchResult:
     """Every trial, the chosen one (``None`` if none was feasible), its scorer, method and model, the search
-    time, the folds it cross-fitted (1: none) and the rows its trials were judged on (the validation split,
-    or the training and validation rows of a cross-fitted search)."""
+    time, the folds it cross-fitted (1: none), the rows its trials were judged on (the validation split,
+    or the training and validation rows of a cross-fitted search) with the chosen trial's scores of them,
+    and the threshold the returned model decides at (the chosen trial's; for a cross-fitted search the one
+    :func:`refit_on_pooled` transfers)."""
 
     trials: list[Trial]
     chosen: Trial | None
@@ -400,6 +456,9 @@ class SearchResult:
     seconds: float
     folds: int = 1
     judged_on: Any = None
+    judged_scores: np.ndarray | None = None
+    threshold: float | None = None
+    refit_epochs: int | None = None
 
 
 def search(
@@ -427,7 +486,7 @@ def search(
     ``cross_fit`` is the number of folds (:func:`resolve_folds`; ``"auto"``: 5 when the validation split has
     a group under :data:`SMALL_GROUP_ROWS` rows, else none): each trial is then judged on the out-of-fold
     scores of the training and validation rows (:class:`CrossFit`), and the chosen setting is trained once
-    more on the training split, with early stopping on validation, to give the model.
+    more, on all of those rows, to give the model (:func:`refit_on_pooled`).
     """
     import optuna
 
@@ -448,20 +507,31 @@ def search(
     finally:
         optuna.logging.set_verbosity(verbosity)
     trials = [trial for _, trial in sorted(run.done, key=lambda item: item[0])]
-    scorer, method, model = run.fit.fitted if run.fit is not None and run.fit.fitted else (None, None, None)
-    return SearchResult(trials, run.best, scorer, method, model, time.perf_counter() - started, folds,
-                        data.val if crossing is None else pooled_rows(data))
+    judged_on = data.val if crossing is None else pooled_rows(data)
+    result = SearchResult(trials, run.best, None, None, None, 0.0, folds, judged_on)
+    if run.fit is not None and run.fit.fitted is not None:
+        result.scorer, result.method, result.model = run.fit.fitted
+        result.threshold = run.best.choice.threshold if crossing is None else run.threshold
+        if crossing is None:
+            result.judged_scores = result.scorer(data.val)
+        else:
+            result.judged_scores = run.fit.out_of_fold.scores
+            result.refit_epochs = run.fit.out_of_fold.refit_epochs()
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 @dataclass
 class TrialFit:
     """What one trial's task returns: the threshold chosen on validation, the trial's seconds, a digest of
-    its validation scores, and (only for a task run in the calling process) its scorer, method and model."""
+    its validation scores, (only for a task run in the calling process) its scorer, method and model, and
+    (only for a cross-fitted trial) its out-of-fold scores."""
 
     choice: ThresholdChoice
     seconds: float
     digest: str
     fitted: tuple[Scorer, Any, Any] | None = None
+    out_of_fold: OutOfFold | None = None
 
 
 def fit_trial(data: Any, config: Any, bounds: Mapping[str, float], name: str, options: dict[str, Any],
@@ -477,11 +547,11 @@ def fit_trial(data: Any, config: Any, bounds: Mapping[str, float], name: str, op
     data = shared_value(data)
     if crossing is not None:
         rows = pooled_rows(data)
-        scores = crossing.scores(name, options, data, config, rows)
-        choice = choose_threshold(rows.y, scores, rows.a, bounds, seed=config.seed)
-        return TrialFit(choice, time.perf_counter() - clock, _digest(scores))
+        judged = crossing.scores(name, options, data, config, rows)
+        choice = choose_threshold(rows.y, judged.scores, rows.a, bounds, seed=config.seed)
+        return TrialFit(choice, time.perf_counter() - clock, _digest(judged.scores), out_of_fold=judged)
     method = make_method(name, **options)
-    scorer, model = fit_candidate(method, data, config)
+    scorer, model, _ = fit_candidate(method, data, config)
     scores = scorer(data.val)
     choice = choose_threshold(data.val.y, scores, data.val.a, bounds, seed=config.seed)
     return TrialFit(choice, time.perf_counter() - clock, _digest(scores), (scorer, method, model) if keep else None)
@@ -517,6 +587,7 @@ class _Search:
         self.done: list[tuple[tuple[int, int], Trial]] = []
         self.best: Trial | None = None
         self.fit: TrialFit | None = None
+        self.threshold: float | None = None
         self.rank: tuple[float, int, int] | None = None
 
     def search_all(self, methods: Mapping[str, dict[str, Any]], budget: int, executor: Any) -> None:
@@ -566,17 +637,22 @@ class _Search:
             self.on_trial(trial, self.best)
 
     def _refit(self, threads: int | None) -> None:
-        """Train the chosen trial again in this process: the model of a cross-fitted trial, or one that ran
-        elsewhere, then checked to be the same model."""
+        """Train the chosen trial's model in this process: for a cross-fitted trial on all the pooled rows
+        (:func:`refit_on_pooled`); for one that ran elsewhere again, checked to be the same model."""
         from groupmixnorm.methods import make_method
         from groupmixnorm.training.threads import torch_threads
 
         assert self.best is not None and self.fit is not None
         with torch_threads(threads):
             method = make_method(self.best.method, **self.best.options)
-            scorer, model = fit_candidate(method, self.data, self.config)
-            same = self.crossing is not None or _digest(scorer(self.data.val)) == self.fit.digest
-        if not same:
+            if self.crossing is not None:
+                assert self.fit.out_of_fold is not None
+                fitted, self.threshold = refit_on_pooled(method, self.data, self.config, self.fit.out_of_fold,
+                                                         self.best.choice.threshold)
+                self.fit.fitted = (fitted.scorer, method, fitted.model)
+                return
+            scorer, model, _ = fit_candidate(method, self.data, self.config)
+        if _digest(scorer(self.data.val)) != self.fit.digest:
             raise RuntimeError(f"training the chosen trial ({self.best.method}, {self.best.options}) again gave other "
                                "validation scores than its trial did: training is not deterministic here")
         self.fit.fitted = (scorer, method, model)
@@ -652,15 +728,18 @@ def score_test(result: SearchResult, data: Any, bounds: Mapping[str, float], *, 
     """Score the test split once, for the chosen model only; says whether each bound held on test."""
     assert result.chosen is not None and result.scorer is not None
     scores = result.scorer(data.test)
-    report = split_report(data.test, scores, result.chosen.choice.threshold, bounds, seed=seed)
+    report = split_report(data.test, scores, result.threshold, bounds, seed=seed)
     report["held"] = {name: report["metrics"][name] <= bound for name, bound in bounds.items()}
     return report
 
 
-def weak_model_warnings(split: Any, scores: np.ndarray, threshold: float) -> list[str]:
-    """Lines warning that the chosen model is no better than the majority class on validation, or that its
-    validation scores have collapsed (:func:`~groupmixnorm.metrics.sanity.useless_model_warnings`)."""
-    return useless_model_warnings(split.y, scores, threshold, model="the chosen model", split="validation")
+def weak_model_warnings(result: SearchResult) -> list[str]:
+    """Lines warning that the chosen trial is no better than the majority class on the rows it was judged
+    on, or that its scores of them have collapsed (:func:`~groupmixnorm.metrics.sanity.useless_model_warnings`)."""
+    assert result.chosen is not None and result.judged_scores is not None
+    split = "validation" if result.folds == 1 else "out-of-fold"
+    return useless_model_warnings(result.judged_on.y, result.judged_scores, result.chosen.choice.threshold,
+                                  model="the chosen model", split=split)
 
 
 def front_table(trials: Sequence[Trial], bounds: Mapping[str, float], chosen: Trial | None) -> Any:
@@ -709,11 +788,13 @@ def summary_record(result: SearchResult, data: Any, bounds: Mapping[str, float],
                    seed: int, test: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     """The JSON-ready ``metrics.json`` of a search whose choice was feasible."""
     chosen = result.chosen
-    assert chosen is not None and result.scorer is not None
-    val = split_report(data.val, result.scorer(data.val), chosen.choice.threshold, bounds, seed=seed)
+    assert chosen is not None and result.judged_scores is not None
+    val = split_report(result.judged_on, result.judged_scores, chosen.choice.threshold, bounds, seed=seed)
+    crossed = {} if result.folds == 1 else {"judged_threshold": chosen.choice.threshold,
+                                            "refit_epochs": result.refit_epochs}
     return {
         "chosen": {"method": chosen.method, "knob": chosen.knob, "value": chosen.value, "options": chosen.options,
-                   "threshold": chosen.choice.threshold},
+                   "threshold": result.threshold, **crossed},
         "bounds": dict(bounds),
         "select": select,
         "budget": budget,
@@ -738,7 +819,7 @@ def judged_on_text(result: SearchResult) -> str:
     if result.folds == 1:
         return f"the validation split ({rows} rows)"
     return (f"out-of-fold scores of the training and validation rows together ({rows} rows, {result.folds} folds "
-            "stratified by label and group); the chosen setting then trained on the training split")
+            f"stratified by label and group); {CROSS_FIT_REFIT}")
 
 
 def format_choice(record: dict[str, Any]) -> str:

@@ -70,7 +70,8 @@ class ConstraintRun:
         folds = self.folds()
         return {"spec": self.spec().to_dict(), "methods": self.candidates(), "bounds": BOUNDS, "budget": self.budget,
                 "select": SELECT, "thresholds": list(constraint.THRESHOLDS), "resamples": constraint.RESAMPLES,
-                "feasibility": constraint.FEASIBILITY, **({"cross_fit": folds} if folds > 1 else {})}
+                "feasibility": constraint.FEASIBILITY,
+                **({"cross_fit": folds, "refit": constraint.CROSS_FIT_REFIT} if folds > 1 else {})}
 
     def command(self) -> str:
         spec = self.spec()
@@ -127,8 +128,7 @@ def run_search(run: ConstraintRun, *, executor: Any = None,
     if result.chosen is None:
         closest = constraint.closest_message(result.trials, BOUNDS, result.judged_on, result.folds)
         return {**record, "chosen": None, "closest": closest, "search_seconds": result.seconds}
-    threshold = result.chosen.choice.threshold
-    warnings = constraint.weak_model_warnings(data.val, result.scorer(data.val), threshold)
+    warnings = constraint.weak_model_warnings(result)
     test = constraint.score_test(result, data, BOUNDS, seed=spec.config.seed)
     summary = constraint.summary_record(result, data, BOUNDS, select=SELECT, budget=run.budget, seed=spec.config.seed,
                                         test=test, warnings=warnings)
@@ -253,10 +253,10 @@ def _cross_fit_lines(runs: Sequence[ConstraintRun]) -> list[str]:
     names = ", ".join(f"{name} ({folds} folds)" for name, folds in crossed.items())
     return [f"**Cross-fitted** (`--cross-fit auto`: a validation split with a group under "
             f"{constraint.SMALL_GROUP_ROWS} rows cannot certify the bound): {names}. Each of their trials is judged "
-            "on the out-of-fold scores of one model per fold over the training and validation rows together; the "
-            "chosen setting then trains once more on the training split, with early stopping on validation, and "
-            "that model is the one scored on test. The other data sets' trials are judged on their validation "
-            "split.", ""]
+            "on the out-of-fold scores of one model per fold over the training and validation rows together, and "
+            f"the model scored on test is {constraint.CROSS_FIT_REFIT} (models trained apart put their scores on "
+            "different scales, so the share transfers where a score would not). The other data sets' trials are "
+            "judged on their validation split.", ""]
 
 
 def _verdicts(table: pd.DataFrame, singles: pd.DataFrame, score: str) -> dict[str, str]:

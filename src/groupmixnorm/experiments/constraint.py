@@ -15,7 +15,9 @@ A small validation split cannot certify a bound: on German credit's 200 rows, wh
 a gap's bootstrap interval is some 0.15 wide. Such a search is *cross-fitted* (:func:`resolve_folds`): each
 trial trains one model per fold of the training and validation rows together, and its threshold and
 feasibility are decided on the out-of-fold scores of all of them. The chosen setting is then trained once
-more, on the training split with early stopping on the validation split, and that model is the result.
+more, on all of those rows for the folds' median number of epochs, and decides at the score that accepts
+the share of them its out-of-fold decisions accepted (:func:`refit_on_pooled`): models trained apart put
+their scores on different scales, so a share transfers where a score does not.
 """
 
 from __future__ import annotations
@@ -361,13 +363,14 @@ def rate_threshold(scores: np.ndarray, acceptance: float) -> float:
     return float(ranked[len(ranked) - accepted])
 
 
-def refit_on_pooled(method: Any, data: Any, config: Any, judged: OutOfFold, threshold: float) -> tuple[Candidate, float]:
-    """The model of a cross-fitted choice: ``method`` (a fresh one, of the chosen setting) trained on all the pooled rows
-    for :meth:`OutOfFold.refit_epochs` epochs (no held-out rows are left to stop it early), and the
-    threshold at which it accepts the same share of those rows as the trial's out-of-fold decisions at
-    ``threshold`` did. A share, not the score: models trained apart put their scores on different scales
-    (the same score may reject 2 rows of 200 with one fold model and 40 with another), while the share of
-    the pooled rows is what the out-of-fold numbers certified."""
+def refit_on_pooled(method: Any, data: Any, config: Any, judged: OutOfFold,
+                    threshold: float) -> tuple[Candidate, float]:
+    """The model of a cross-fitted choice: ``method`` (a fresh one, of the chosen setting) trained on all
+    the pooled rows for :meth:`OutOfFold.refit_epochs` epochs (no held-out rows are left to stop it early),
+    and the threshold at which it accepts the same share of those rows as the trial's out-of-fold
+    decisions at ``threshold`` did. A share, not the score: models trained apart put their scores on
+    different scales (benchmarks/cross_fit_refit.py measures it), while the share of the pooled rows is
+    what the out-of-fold numbers certified."""
     rows = pooled_rows(data)
     # The validation rows are among the training rows now; the loop still scores them every epoch, but
     # "last" keeps the final epoch whatever they say.

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from groupmixnorm.nn import _fused_cpu
 from groupmixnorm.nn._core import (
     GroupMoments,
     OutputScale,
@@ -426,6 +427,12 @@ class BatchStatistics(NamedTuple):
     mixed_std: Tensor
 
 
+def batch_statistics(counts: Tensor, stats: Tensor) -> BatchStatistics:
+    """:class:`BatchStatistics` from the compiled kernels' ``(2G + 4, C)`` table (:func:`._fused_cpu.forward`)."""
+    mean, var, (batch_mean, batch_var, mixed_mean, mixed_std) = stats.split([counts.shape[0], counts.shape[0], 4])
+    return BatchStatistics(GroupMoments(counts, mean, var, batch_mean, batch_var), mixed_mean, mixed_std)
+
+
 class _SharedMixFunction(torch.autograd.Function):
     """The whole training-time layer with one mixture shared by the batch, forward and backward by hand.
 
@@ -561,11 +568,16 @@ def shared_mix_norm(
     *,
     with_moments: bool = False,
 ) -> tuple[Tensor, GroupMoments | None, BatchStatistics]:
-    """The layer with one shared mixture, computing its own moments (one fused autograd function).
+    """The layer with one shared mixture, computing its own moments (one fused autograd function): the
+    compiled CPU kernels where :func:`._fused_cpu.applies` says so, else :class:`_SharedMixFunction`.
 
     Returns the output, the differentiable moments if ``with_moments`` (else ``None``), and the batch's
     statistics for the running averages.
     """
+    if _fused_cpu.applies(x, segments.groups, weight, bias, mixing=mixing, with_moments=with_moments):
+        out, stats, _, _, _ = _fused_cpu.shared_mix_norm(x, segments.groups, mixing, weight, bias, eps,
+                                                         output_scale == "batch")
+        return out, None, batch_statistics(counts, stats)
     if all_eligible is None:
         all_eligible = every_group_eligible(counts)
     sink: list[BatchStatistics] = []

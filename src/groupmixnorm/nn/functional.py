@@ -22,7 +22,8 @@ which is also what evaluation applies with running statistics (:func:`normalize_
 traceable by ``torch.compile``. The mixing draws follow. :func:`fused_group_mix_norm` is the fast path:
 the same numbers through hand-written autograd functions (:mod:`groupmixnorm.nn._kernels`), several
 times faster, first derivatives only; the layers train with it outside
-:func:`~groupmixnorm.nn.use_reference`. The small rules both use live in :mod:`groupmixnorm.nn._core`,
+:func:`~groupmixnorm.nn.use_reference`. On the CPU a shared mixture runs as two compiled numba loops each
+way (:mod:`groupmixnorm.nn._fused_cpu`, which says when). The small rules both use live in :mod:`groupmixnorm.nn._core`,
 the alignment penalties (a loss, not the normalization) in :mod:`groupmixnorm.nn.alignment`.
 """
 

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from groupmixnorm.nn import _fused_cpu
 from groupmixnorm.nn import _kernels as K
 from groupmixnorm.nn import alignment
 from groupmixnorm.nn import functional as F
@@ -214,6 +215,9 @@ class _GroupMixNorm(nn.Module):
     ) -> tuple[Tensor, GroupMoments | None]:
         """The fast path: one fused autograd function computes the moments, the output and its gradient; the
         moments are returned (differentiable) when ``with_moments``."""
+        running_dtype = self.running_mean.dtype if self.track_running_stats else None
+        if _fused_cpu.applies(x, groups, weight, bias, with_moments=with_moments, running_dtype=running_dtype):
+            return self._compiled_shared_step(x, groups, table_size, weight, bias), None
         counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
         all_eligible = K.every_group_eligible(counts)
         mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
@@ -223,6 +227,28 @@ class _GroupMixNorm(nn.Module):
         if self.track_running_stats:
             self._update_running_stats(batch.moments, (batch.mixed_mean, batch.mixed_std), all_eligible, total)
         return out, moments
+
+    def _compiled_shared_step(
+        self, x: Tensor, groups: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """:meth:`_fused_shared_step` through the compiled CPU kernels (:mod:`~groupmixnorm.nn._fused_cpu`): one
+        call counts the groups, turns this batch's Gamma draws into the mixture (the same draws as
+        :func:`~groupmixnorm.nn.functional.shared_mixing_weights`), normalizes and updates the running
+        statistics; one call computes the gradients."""
+        draws = torch._standard_gamma(torch.full((table_size,), float(self.alpha), dtype=x.dtype))
+        running = None
+        if self.track_running_stats:
+            grouped = self.num_groups is not None
+            running = _fused_cpu.RunningStatistics(
+                self.momentum, self.num_batches_tracked, self.running_mean, self.running_var, self.running_mix_mean,
+                self.running_mix_std, *((self.group_batches_tracked, self.running_group_mean, self.running_group_var)
+                                        if grouped else (None, None, None)))
+        out, stats, samples, _, summary = _fused_cpu.shared_mix_norm(
+            x, groups, draws, weight, bias, self.eps, self.output_scale == "batch", from_draws=True, running=running)
+        if not math.isfinite(summary):  # the running statistics are untouched: say why
+            counts = torch.from_numpy(samples).to(x.dtype) * values_per_sample(x)
+            self._check_finite(K.batch_statistics(counts, stats).moments, x)
+        return out
 
     def _stratified_step(
         self, x: Tensor, groups: Tensor, strata: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None

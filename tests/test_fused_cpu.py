@@ -1,0 +1,245 @@
+"""The compiled CPU kernels (numba) of the shared-mixture training step: values, gradients, running
+statistics and the rule that picks them, against the plain-autograd reference and the torch path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from groupmixnorm.nn import GroupMixNorm1d, GroupMixNorm2d
+from groupmixnorm.nn import _fused_cpu as FC
+from groupmixnorm.nn import functional as F
+from groupmixnorm.nn.modules import NonFiniteStatistics
+
+needs_numba = pytest.mark.skipif(not FC.AVAILABLE, reason="numba is not installed (or GROUPMIXNORM_NUMBA=0)")
+
+# Group layouts: every group present with several samples; an absent group (1) and a singleton (3), whose
+# rows fall back to the batch's statistics; one group only; many groups, several of them with one sample.
+LAYOUTS = {
+    "plain": lambda n: torch.arange(n) % 4,
+    "degenerate": lambda n: torch.tensor([0, 2] * ((n - 1) // 2) + [0] * ((n - 1) % 2) + [3]),
+    "one group": lambda n: torch.full((n,), 2),
+    "many": lambda n: torch.arange(n) % 64,
+}
+
+
+def _tolerance(
+    expected: torch.Tensor, dtype: torch.dtype, own_error: float = 0.0, ulps: float = 400
+) -> dict[str, float]:
+    """A few hundred units in the last place of ``dtype``, relative to the magnitude of ``expected``; or, for
+    an ill-conditioned case (groups of two close samples), four times ``own_error``, how far the reference
+    itself computed in ``dtype`` lands from ``expected``."""
+    scale = max(float(expected.detach().abs().max()), 1.0)
+    return {"atol": max(ulps * torch.finfo(dtype).eps * scale, 4 * own_error), "rtol": 0.0}
+
+
+def _inputs(shape, dtype, layout, affine, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, channels = shape[0], shape[1]
+    groups = LAYOUTS[layout](n)
+    num_groups = 64 if layout == "many" else 4
+    base = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    offsets = torch.randn(num_groups, channels, dtype=torch.float64, generator=gen) * 3
+    spatial = [1] * (len(shape) - 2)
+    x = base * (1 + groups.view(-1, 1, *spatial) % 3) + offsets[groups].view(n, channels, *spatial)
+    counts = torch.bincount(groups, minlength=num_groups).to(torch.float64) * x[0, 0].numel()
+    mixing = F.shared_mixing_weights(counts, 1.0, all_eligible=False)
+    weight = torch.rand(channels, dtype=torch.float64, generator=gen) + 0.5 if affine else None
+    bias = torch.randn(channels, dtype=torch.float64, generator=gen) if affine else None
+    upstream = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    return x.to(dtype), groups, num_groups, mixing.to(dtype), weight, bias, upstream.to(dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(130, 5), (96, 3, 4), (70, 2, 3, 3)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("output_scale", ["batch", "mixed"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_compiled_step_matches_the_reference(dtype, shape, layout, output_scale, affine) -> None:
+    """Output and the gradients of x, the mixture, weight and bias agree with :func:`group_mix_norm` (computed
+    in float64 from the same inputs) to a few hundred ulps of the kernels' dtype."""
+    x, groups, num_groups, mixing, weight, bias, upstream = _inputs(shape, dtype, layout, affine)
+    torch.manual_seed(0)
+    leaves = {"x": x, "mixing": mixing, "weight": None if weight is None else weight.to(dtype),
+              "bias": None if bias is None else bias.to(dtype)}
+    leaves = {k: v.clone().requires_grad_() for k, v in leaves.items() if v is not None}
+    reference_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    assert FC.applies(leaves["x"], groups, leaves.get("weight"), leaves.get("bias"), mixing=leaves["mixing"])
+
+    same_dtype = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    outputs = []
+    for function, named in ((F.fused_group_mix_norm, leaves), (F.group_mix_norm, reference_leaves),
+                            (F.group_mix_norm, same_dtype)):
+        y = function(named["x"], groups, named["mixing"], num_groups=num_groups, weight=named.get("weight"),
+                     bias=named.get("bias"), output_scale=output_scale)
+        outputs.append((y, torch.autograd.grad((y * upstream.to(y.dtype)).sum(), list(named.values()))))
+    (y, grads), (expected_y, expected_grads), (own_y, own_grads) = outputs
+    assert y.dtype == dtype
+
+    def error(got, expected):
+        return float((got.detach().double() - expected.detach()).abs().max())
+
+    torch.testing.assert_close(y.double(), expected_y, **_tolerance(expected_y, dtype, error(own_y, expected_y)))
+    for name, got, expected, own in zip(leaves, grads, expected_grads, own_grads):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), expected, **_tolerance(expected, dtype, error(own, expected)),
+                                   msg=name)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_moments_stay_accurate_when_the_mean_dwarfs_the_spread(dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    groups = torch.arange(400) % 2
+    x = (1e4 + torch.randn(400, 3, dtype=torch.float64, generator=gen) * (1 + groups[:, None])).to(dtype)
+    mixing = torch.tensor([0.3, 0.7], dtype=dtype)
+    _, stats, _, _, _ = FC.shared_mix_norm(x, groups, mixing, None, None, 1e-5, True)
+    x64 = x.double()
+    for g in range(2):
+        # float32 holds 1e4 to about 1e-3: its spread of about 1 keeps three or four digits, float64 twelve.
+        expected = x64[groups == g].var(0, unbiased=False)
+        torch.testing.assert_close(stats[2 + g].double(), expected, rtol=1e-3 if dtype == torch.float32 else 1e-10,
+                                   atol=0)
+
+
+def _twin_layers(make, steps: int, x, groups, upstream):
+    """The same layer trained ``steps`` steps on the compiled path and on the torch path, same draws."""
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(5)
+        layer = make()
+        with torch.no_grad():
+            if layer.affine:
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.normal_()
+        outputs = []
+        for _ in range(steps):
+            leaf = x.clone().requires_grad_()
+            if compiled:
+                y = layer(leaf, groups)
+            else:
+                with FC.torch_path():
+                    y = layer(leaf, groups)
+            y.backward(upstream)
+            grads = [leaf.grad] + ([layer.weight.grad.clone(), layer.bias.grad.clone()] if layer.affine else [])
+            layer.zero_grad(set_to_none=True)
+            outputs.append((y.detach(), grads))
+        results.append((layer, outputs))
+    return results
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": None}, {"num_groups": None}, {"affine": False, "output_scale": "mixed"},
+     {"track_running_stats": False}],
+    ids=["default", "cumulative", "no-num-groups", "mixed-no-affine", "no-running-stats"],
+)
+@pytest.mark.parametrize("layout", ["plain", "degenerate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_steps_and_running_statistics_match_the_torch_path(options, layout, dtype) -> None:
+    x, groups, num_groups, _, _, _, upstream = _inputs((40, 6), dtype, layout, affine=False, seed=3)
+    settings = {"num_groups": num_groups, **options}
+    (compiled, compiled_out), (plain, plain_out) = _twin_layers(
+        lambda: GroupMixNorm1d(6, dtype=dtype, **settings), 3, x, groups, upstream)
+    for (y, grads), (want_y, want_grads) in zip(compiled_out, plain_out):
+        torch.testing.assert_close(y, want_y, **_tolerance(want_y, dtype))
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, **_tolerance(want, dtype))
+    for (name, got), (_, want) in zip(compiled.named_buffers(), plain.named_buffers()):
+        if want.dtype.is_floating_point:
+            torch.testing.assert_close(got, want, **_tolerance(want, dtype), msg=name)
+        else:
+            assert torch.equal(got, want), name
+
+
+@needs_numba
+def test_image_layer_running_statistics_match_the_torch_path() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 4, 5, generator=gen) + 2
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    (compiled, out), (plain, want) = _twin_layers(lambda: GroupMixNorm2d(3, num_groups=3), 2, x, groups,
+                                                  torch.randn(6, 3, 4, 5, generator=gen))
+    torch.testing.assert_close(out[-1][0], want[-1][0], **_tolerance(want[-1][0], torch.float32))
+    for (name, got), (_, expected) in zip(compiled.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(got, expected, **_tolerance(expected, torch.float32) if got.is_floating_point() else
+                                   {"atol": 0, "rtol": 0}, msg=name)
+
+
+@needs_numba
+def test_non_finite_batch_raises_and_leaves_the_running_statistics_alone() -> None:
+    layer = GroupMixNorm1d(3, num_groups=2)
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    before = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+    with pytest.raises(NonFiniteStatistics, match=r"channel\(s\) \[1\]"):
+        layer(x, torch.arange(8) % 2)
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+@needs_numba
+def test_the_rule_picks_the_compiled_kernels_where_it_should(monkeypatch) -> None:
+    x, groups = torch.randn(32, 4), torch.arange(32) % 2
+    # Compile first (compiling runs the kernels once).
+    assert FC.applies(x, groups, None, None) and FC.applies(x.double(), groups, None, None)
+    calls = []
+    original = FC.shared_mix_norm
+    monkeypatch.setattr(FC, "shared_mix_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mixing = torch.tensor([0.4, 0.6])
+    layer = GroupMixNorm1d(4, num_groups=2)
+    layer(x, groups)
+    assert len(calls) == 1
+    with FC.torch_path():
+        layer(x, groups)
+        assert not FC.applies(x, groups, None, None, mixing=mixing)
+    assert len(calls) == 1
+    GroupMixNorm1d(4, num_groups=2, mix="pairwise")(x, groups)
+    assert len(calls) == 1
+    # float16 running statistics: the kernels normalize (in float32), torch updates the running statistics.
+    half = GroupMixNorm1d(4, num_groups=2).half()
+    half(x.half(), groups)
+    assert len(calls) == 2 and int(half.num_batches_tracked) == 1
+    assert FC.applies(x, groups, None, None, mixing=mixing)
+    assert FC.applies(x.double(), groups, None, None, mixing=mixing.double())
+    assert not FC.applies(x, groups, None, None, mixing=mixing, with_moments=True)  # alignment penalties
+    assert not FC.applies(x, groups, None, None, mixing=torch.full((32, 2), 0.5))  # one mixture per sample
+    assert not FC.applies(x.half(), groups, None, None)
+    assert not FC.applies(x.t(), groups, None, None)  # not contiguous
+    assert not FC.applies(x, groups.int(), None, None)
+    assert not FC.applies(x, groups, None, None, running_dtype=torch.float16)
+    big = torch.empty(FC.SERIAL_MAX_ELEMENTS + 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert FC.applies(big.view(-1, 1), torch.zeros(big.numel(), dtype=torch.long), None, None)
+        torch.set_num_threads(2)
+        assert not FC.applies(big.view(-1, 1), torch.zeros(big.numel(), dtype=torch.long), None, None)
+        assert FC.applies(x, groups, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(FC, "AVAILABLE", False)
+    assert not FC.applies(x, groups, None, None)
+    layer(x, groups)
+    assert len(calls) == 2
+
+
+def test_the_layer_trains_without_numba() -> None:
+    """With numba unimportable the package imports, the rule says no, and a training step runs."""
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from groupmixnorm.nn import GroupMixNorm1d, _fused_cpu\n"
+        "assert not _fused_cpu.AVAILABLE\n"
+        "x = torch.randn(16, 3, requires_grad=True)\n"
+        "GroupMixNorm1d(3, num_groups=2)(x, torch.arange(16) % 2).sum().backward()\n"
+        "assert torch.isfinite(x.grad).all()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok" and result.stderr == ""

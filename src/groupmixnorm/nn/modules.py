@@ -235,7 +235,7 @@ class _GroupMixNorm(nn.Module):
         call counts the groups, turns this batch's Gamma draws into the mixture (the same draws as
         :func:`~groupmixnorm.nn.functional.shared_mixing_weights`), normalizes and updates the running
         statistics; one call computes the gradients."""
-        draws = torch._standard_gamma(torch.full((table_size,), float(self.alpha), dtype=x.dtype))
+        draws = F.gamma_draws(x.new_empty(table_size), self.alpha)
         running = None
         if self.track_running_stats:
             grouped = self.num_groups is not None

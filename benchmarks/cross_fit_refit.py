@@ -5,9 +5,9 @@ train on. The model that is saved is trained once more, so the threshold chosen 
 has to be carried over to a model that was never judged. This script measures two ways to train that model
 and two ways to carry the threshold over, on German credit (the table the search cross-fits):
 
-- model "training split": the training split, early stopping on the validation split (the search's rule
-  before cross-fitting made the validation split part of the judged rows);
-- model "pooled": all training and validation rows, for the folds' median number of epochs (the rule now);
+- model "training split": the training split, early stopping on the validation split (the rule now);
+- model "pooled": all training and validation rows, for the folds' median number of epochs (no rows are left
+  to stop it early);
 - threshold "score": the trial's threshold itself;
 - threshold "share": the score at which the model accepts the share of the pooled rows that the
   out-of-fold decisions accepted (the rule now).
@@ -24,8 +24,10 @@ chosen on the test splits the bench reports. Each test split is read once per (s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +51,15 @@ SETTINGS = (("adversarial", {"fairness": "dp", "lam": 0.7272959662822969}),
             ("prem", {"fairness": "dp", "lam": 85.32689699715205}))
 
 
+def fit_on_pooled(method: Any, data: Any, config: Any, judged: constraint.OutOfFold) -> constraint.Candidate:
+    """``method`` trained on all the pooled rows for the folds' median epochs (rounded down), the last kept:
+    no held-out rows are left to stop it early, and the loop's scores of its validation split (now among
+    its training rows) must not choose the epoch."""
+    pooled = dataclasses.replace(data, train=constraint.pooled_rows(data))
+    epochs = int(np.floor(np.median(judged.epochs)))
+    return constraint.fit_candidate(method, pooled, dataclasses.replace(config, epochs=epochs, select="last"))
+
+
 def measure(seed: int, name: str, options: dict) -> list[dict]:
     """One setting cross-fitted on ``seed``'s split: a row per (model, threshold rule) with its test numbers."""
     run = next(run for run in constraint_runs(datasets=["german"], seeds=max(SEEDS) + 1) if run.seed == seed)
@@ -59,12 +70,12 @@ def measure(seed: int, name: str, options: dict) -> list[dict]:
     choice = constraint.choose_threshold(rows.y, judged.scores, rows.a, BOUNDS, seed=seed)
     share = float(np.mean(judged.scores >= choice.threshold))
     held_out = constraint.fit_candidate(make_method(name, **options), data, config)
-    pooled, share_threshold = constraint.refit_on_pooled(make_method(name, **options), data, config, judged,
-                                                         choice.threshold)
+    pooled = fit_on_pooled(make_method(name, **options), data, config, judged)
     thresholds = {("training split", "score"): (held_out, choice.threshold),
-                  ("training split", "share"): (held_out, constraint.rate_threshold(held_out.scorer(rows), share)),
+                  ("training split", "share"): (held_out, constraint.threshold_at_share(data, judged,
+                                                                                        choice.threshold, held_out)),
                   ("pooled", "score"): (pooled, choice.threshold),
-                  ("pooled", "share"): (pooled, share_threshold)}
+                  ("pooled", "share"): (pooled, constraint.rate_threshold(pooled.scorer(rows), share))}
     test = data.test
     majority = majority_accuracy(float(np.mean(test.y)))
     out = []

@@ -366,8 +366,8 @@ class FairSearchCV(_NetworkClassifier):
         and the model trains on the rest.
     cross_fit : "auto" or int, default="auto"
         Folds over all the rows, each trial judged on its out-of-fold scores (one model per fold) rather
-        than on the validation part alone; the chosen setting then trains on all the rows for the folds'
-        median epochs, and ``threshold_`` accepts the share of them that its out-of-fold decisions accepted.
+        than on the validation part alone; the chosen setting then trains on the training part, and
+        ``threshold_`` accepts the share of all the rows that its out-of-fold decisions accepted.
         1: never; ``"auto"``: 5 when the validation part has a group of fewer than 100 rows, whose gaps it
         could not certify.
     hidden : tuple of int, default=(64, 64)

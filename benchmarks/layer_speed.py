@@ -155,6 +155,44 @@ def run_case(kind: str, shape: tuple[int, ...], num_groups: int, mix: str, repea
 
 
 COMPILE_CASES = (("1d", (4096, 64), 8), ("2d", (16, 64, 16, 16), 2))
+FLOOR_SHAPES = ((256, 64), (256, 512), (4096, 64))
+
+
+class _Nothing(torch.autograd.Function):
+    """A layer step that computes nothing, with what any Python layer pays: an autograd function called
+    from Python each way, fresh output and input-gradient tensors, gradients for a weight and a bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return torch.empty_like(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):  # noqa: ANN001, ANN205
+        x, = ctx.saved_tensors
+        return torch.empty_like(x), torch.zeros(x.shape[1]), torch.zeros(x.shape[1])
+
+
+class PythonFloor(nn.Module):
+    """:class:`_Nothing` as a module with BatchNorm's parameters: the floor under any layer written in Python."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        return _Nothing.apply(x, self.weight, self.bias)
+
+
+def floor_case(shape: tuple[int, int], repeats: int | None) -> dict:
+    """The step time of :class:`PythonFloor` against BatchNorm1d's, alternating as :func:`run_case` does."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    steps = {"floor": make_step(PythonFloor(shape[1]), x, None), "bn": make_step(nn.BatchNorm1d(shape[1]), x, None)}
+    medians = compare(steps, repeats_for(x.numel(), repeats), warmup=20)
+    return {"shape": shape, "floor_ms": medians["floor"][0] * 1e3, "bn_ms": medians["bn"][0] * 1e3,
+            "ratio": medians["floor"][0] / medians["bn"][0]}
 
 
 def compile_case(kind: str, shape: tuple[int, ...], num_groups: int, repeats: int = 30) -> dict:
@@ -180,7 +218,7 @@ def compile_case(kind: str, shape: tuple[int, ...], num_groups: int, repeats: in
     return row
 
 
-def write_markdown(path: str, rows: list[dict], compiled: list[dict], malloc: str) -> None:
+def write_markdown(path: str, rows: list[dict], compiled: list[dict], floors: list[dict], malloc: str) -> None:
     """The results as a markdown page, written atomically (a temporary file renamed into place)."""
     command = "python " + " ".join(["benchmarks/layer_speed.py", *sys.argv[1:]])
     lines = [
@@ -212,6 +250,15 @@ def write_markdown(path: str, rows: list[dict], compiled: list[dict], malloc: st
         if len(group_rows) > 1:
             first, last = group_rows[0], group_rows[-1]
             lines.append(f"- {kind} {shape}: G={last['G']} vs G={first['G']}: {last['ratio'] / first['ratio']:.2f}")
+    if floors:
+        lines += ["", "## The floor of a layer written in Python", "",
+                  "A layer whose forward and backward are Python (an autograd function, as GroupMixNorm's are) pays "
+                  "for the calls, the output and gradient tensors and the parameters' gradients whatever it "
+                  "computes. `PythonFloor` in this script computes nothing and pays only that; its step against "
+                  "BatchNorm's (C++ throughout), timed in the same alternation:", "",
+                  "| shape | floor ms | BN ms | floor / BN |", "|---|---|---|---|"]
+        for row in floors:
+            lines.append(f"| {tuple(row['shape'])} | {row['floor_ms']:.3f} | {row['bn_ms']:.3f} | {row['ratio']:.2f} |")
     if compiled:
         lines += ["", "## torch.compile", "", "GMN eager runs the numba kernels; a compiled GMN traces the plain-autograd "
                   "reference (`group_mix_norm`), which the compiler fuses.", "", "| layer | shape | groups | BN eager ms | BN compiled ms | GMN eager ms | GMN compiled |",
@@ -268,12 +315,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     print("ms: wall-clock medians; ratio: GMN / BN wall time; cpu: GMN / BN thread CPU time; "
           "MiB: peak of tensors created in one step")
+    floors = [floor_case(shape, args.repeats) for shape in FLOOR_SHAPES]
+    for row in floors:
+        print(f"python floor {row['shape']}: {row['floor_ms']:.3f} ms against BN {row['bn_ms']:.3f} ms ({row['ratio']:.2f})")
     compiled = [compile_case(kind, shape, g) for kind, shape, g in COMPILE_CASES] if args.compile else []
     for row in compiled:
         print(f"compiled {row['kind']} {row['shape']} G={row['G']}: BN eager {row['bn_eager_ms']:.3f} ms, "
               f"BN compiled {row['bn_compiled_ms']:.3f} ms, GMN eager {row['gmn_eager_ms']:.3f} ms, GMN compiled {row['gmn_compiled']}")
     if args.markdown:
-        write_markdown(args.markdown, rows, compiled, malloc)
+        write_markdown(args.markdown, rows, compiled, floors, malloc)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ statistics and the rule that picks them, against the plain-autograd reference an
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -97,13 +98,49 @@ def test_compiled_moments_stay_accurate_when_the_mean_dwarfs_the_spread(dtype) -
     groups = torch.arange(400) % 2
     x = (1e4 + torch.randn(400, 3, dtype=torch.float64, generator=gen) * (1 + groups[:, None])).to(dtype)
     mixing = torch.tensor([0.3, 0.7], dtype=dtype)
-    _, stats, _, _, _ = FC.shared_mix_norm(x, groups, mixing, None, None, 1e-5, True)
+    stats = torch.from_numpy(FC.shared_mix_norm(x, groups, mixing, None, None, 1e-5, True).stats)
     x64 = x.double()
     for g in range(2):
         # float32 holds 1e4 to about 1e-3: its spread of about 1 keeps three or four digits, float64 twelve.
         expected = x64[groups == g].var(0, unbiased=False)
         torch.testing.assert_close(stats[2 + g].double(), expected, rtol=1e-3 if dtype == torch.float32 else 1e-10,
                                    atol=0)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(130, 5), (70, 2, 3, 3)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_compiled_moments_and_their_gradients_match_the_reference(dtype, shape, layout) -> None:
+    """With the moments as outputs (an alignment penalty on them), the moments and the gradients of output
+    and penalty together agree with plain autograd (in float64 from the same inputs)."""
+    from groupmixnorm.nn import _kernels as K
+
+    x, groups, num_groups, mixing, weight, bias, upstream = _inputs(shape, dtype, layout, affine=True)
+    leaves = {"x": x, "mixing": mixing, "weight": weight.to(dtype), "bias": bias.to(dtype)}
+    leaves = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    reference = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    assert FC.applies(leaves["x"], groups, leaves["weight"], leaves["bias"], mixing=leaves["mixing"])
+    counts, segments = K.counts_and_segments(groups, num_groups, F.values_per_sample(x), dtype)
+    y, moments, _ = K.shared_mix_norm(leaves["x"], segments, counts, leaves["mixing"], 1e-5, "batch",
+                                      leaves["weight"], leaves["bias"], with_moments=True)
+    assert moments is not None and all(part.requires_grad for part in moments[1:])
+    expected_moments = F.plain_group_moments(reference["x"], groups, num_groups)
+    expected_y = F.mix_normalize(reference["x"], groups, reference["mixing"], expected_moments, eps=1e-5,
+                                 output_scale="batch", weight=reference["weight"], bias=reference["bias"])
+    for got, want in zip(moments, expected_moments):
+        torch.testing.assert_close(got.double(), want, **_tolerance(want, dtype))
+
+    def loss(out, parts, inputs):
+        return (out * upstream.to(out.dtype)).sum() + 3.0 * F.alignment_penalty(inputs, groups, parts, eps=1e-5)
+
+    grads = torch.autograd.grad(loss(y, moments, leaves["x"]), list(leaves.values()))
+    expected = torch.autograd.grad(loss(expected_y, expected_moments, reference["x"]), list(reference.values()))
+    torch.testing.assert_close(y.double(), expected_y, **_tolerance(expected_y, dtype))
+    for name, got, want in zip(leaves, grads, expected):
+        # The penalty divides by the group deviations, which the degenerate layouts make small: its
+        # gradients are then worse conditioned than the output's, and get the loose end of the ulps.
+        torch.testing.assert_close(got.double(), want, **_tolerance(want, dtype, ulps=4000), msg=name)
 
 
 def _twin_layers(make, steps: int, x, groups, upstream):
@@ -158,6 +195,68 @@ def test_module_steps_and_running_statistics_match_the_torch_path(options, layou
 
 
 @needs_numba
+@pytest.mark.parametrize("condition", [False, True], ids=["penalty", "conditional-penalty"])
+def test_module_steps_with_an_alignment_penalty_match_the_torch_path(condition, monkeypatch) -> None:
+    """Inside collect_alignment the layer still takes the compiled kernels, and its output, penalty and
+    gradients (through both) are the torch path's."""
+    from groupmixnorm.nn import collect_alignment
+
+    x, groups, num_groups, _, _, _, upstream = _inputs((40, 6), torch.float32, "degenerate", affine=False, seed=3)
+    labels = torch.arange(40) % 2 if condition else None
+    calls = []
+    original = FC.shared_mix_norm
+    monkeypatch.setattr(FC, "shared_mix_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(5)
+        layer = GroupMixNorm1d(6, num_groups=num_groups)
+        leaf = x.clone().requires_grad_()
+        with collect_alignment(labels) as penalties, (contextlib.nullcontext() if compiled else FC.torch_path()):
+            y = layer(leaf, groups)
+        penalty, = penalties
+        ((y * upstream).sum() + 2.0 * penalty).backward()
+        results.append((y.detach(), penalty.detach(), leaf.grad, layer.weight.grad, layer.bias.grad))
+    assert len(calls) == 1
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **_tolerance(want, torch.float32, ulps=4000))
+
+
+@needs_numba
+def test_cached_views_follow_the_layers_tensors_when_they_move_or_are_copied() -> None:
+    """The kernels' views of the parameters and buffers (ViewCache) never write into a tensor the layer no
+    longer owns: after a deep copy, a pickle round trip, a cast and a reassigned buffer, each layer's step
+    updates its own running statistics only, and reads its own (optimizer-updated) weight."""
+    import copy
+    import pickle
+
+    x, groups = torch.randn(32, 3), torch.arange(32) % 2
+    layer = GroupMixNorm1d(3, num_groups=2)
+    layer(x, groups)
+    twin = copy.deepcopy(layer)
+    thawed = pickle.loads(pickle.dumps(layer))
+    before = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+    twin(x, groups)
+    thawed(x, groups)
+    for name, buffer in layer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    assert int(twin.num_batches_tracked) == int(thawed.num_batches_tracked) == 2
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # in place, as an optimizer updates it
+    torch.manual_seed(0)
+    y = layer(x, groups)
+    torch.manual_seed(0)
+    with FC.torch_path():
+        want = copy.deepcopy(layer)(x, groups)
+    torch.testing.assert_close(y, want)
+    layer.running_mean = torch.zeros(3)  # a new buffer: the step updates it, not the old one
+    layer(x, groups)
+    assert not torch.equal(layer.running_mean, torch.zeros(3)) and int(layer.num_batches_tracked) == 3
+    wide = layer.double()
+    wide(x.double(), groups)
+    assert wide.running_mean.dtype == torch.float64 and int(wide.num_batches_tracked) == 4
+
+
+@needs_numba
 def test_image_layer_running_statistics_match_the_torch_path() -> None:
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(6, 3, 4, 5, generator=gen) + 2
@@ -206,7 +305,6 @@ def test_the_rule_picks_the_compiled_kernels_where_it_should(monkeypatch) -> Non
     assert len(calls) == 2 and int(half.num_batches_tracked) == 1
     assert FC.applies(x, groups, None, None, mixing=mixing)
     assert FC.applies(x.double(), groups, None, None, mixing=mixing.double())
-    assert not FC.applies(x, groups, None, None, mixing=mixing, with_moments=True)  # alignment penalties
     assert not FC.applies(x, groups, None, None, mixing=torch.full((32, 2), 0.5))  # one mixture per sample
     assert not FC.applies(x.half(), groups, None, None)
     assert not FC.applies(x.t(), groups, None, None)  # not contiguous

@@ -11,20 +11,21 @@ direction and the ``(G, C)`` arithmetic in between, in one compiled call each:
   output ``y = (x - mean_table[g]) * scale[g] + level``.
 - backward: per (group, channel) sums of ``dy`` and ``dy * (x - mean_table[g])``, the chain rule of
   :func:`~groupmixnorm.nn._kernels._shared_mix_table_backward` (fallback and batch-reference terms
-  included), then ``dx = dy * scale[g] + slope[g] * (x - mean[g]) + offset[g]``.
+  included), then ``dx = dy * scale[g] + slope[g] * (x - mean[g]) + offset[g]``. Gradients that reach the
+  group and batch moments directly (an alignment penalty on them) join the chain rule's before that pass.
 
 In the layers' training step the forward call also counts the groups, turns the batch's Gamma draws into
 the mixture and updates the running statistics in place (:class:`RunningStatistics`), so that a step is
-one compiled call each way. No batch-sized temporary besides the output (and ``dx``); the ``(G, C)`` work
-arrays are NumPy memory. The input is viewed as ``(N, C, L)``, ``L`` the
-product of the spatial sizes (1 for 2D input); float32 and float64.
+one compiled call each way; the layer's parameters and buffers are handed to it as NumPy views made once
+(:class:`ViewCache`). No batch-sized temporary besides the output (and ``dx``); the ``(G, C)`` work arrays
+are NumPy memory. The input is viewed as ``(N, C, L)``, ``L`` the product of the spatial sizes (1 for 2D
+input); float32 and float64.
 
 **When it is used** (:func:`applies`): numba imported and compiles, ``x`` is a contiguous CPU tensor in
-float32 or float64, the mixture is shared (1-D), the caller does not need differentiable moments (the
-alignment penalties), and either torch runs on one thread or ``x`` has at most :data:`SERIAL_MAX_ELEMENTS`
+float32 or float64, the mixture is shared (1-D), and either torch runs on one thread or ``x`` has at most :data:`SERIAL_MAX_ELEMENTS`
 elements. The loops are serial (a ``prange`` would meet torch's OpenMP threads and reorder the sums), so
 above that size a multi-threaded torch keeps its own kernels. Everything else (GPU, float16 and bfloat16
-input, one mixture per sample, moments for a penalty) stays on the torch path; float16 running statistics
+input, one mixture per sample) stays on the torch path; float16 running statistics
 with float32 computation use the kernels for the output and torch for the update. The first call of each
 dtype compiles the kernels (seconds; numba caches them on disk for the next process).
 ``GROUPMIXNORM_NUMBA=0`` in the environment, or :func:`torch_path` in code, turns the kernels off.
@@ -78,7 +79,7 @@ def torch_path() -> Iterator[None]:
 
 def applies(
     x: Tensor, groups: Tensor, weight: Tensor | None, bias: Tensor | None, *, mixing: Tensor | None = None,
-    with_moments: bool = False, running_dtype: torch.dtype | None = None,
+    running_dtype: torch.dtype | None = None,
 ) -> bool:
     """Whether the shared-mixture step of ``x`` runs through the compiled kernels (see the module docstring).
 
@@ -88,7 +89,6 @@ def applies(
     return (
         AVAILABLE
         and _enabled
-        and not with_moments
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.is_contiguous()
@@ -123,6 +123,9 @@ def _compile(dtype: torch.dtype) -> bool:
 _EMPTY = {dtype: np.empty(0, dtype=np.float32 if dtype == torch.float32 else np.float64) for dtype in _DTYPES}
 _NO_RUNNING = {dtype: (np.empty(0, np.int64), *([_EMPTY[dtype]] * 4), np.empty(0, np.int64),
                        *([_EMPTY[dtype].reshape(0, 0)] * 2)) for dtype in _DTYPES}
+#: The backward kernel's gradients of the moments when none reach them (no alignment penalty).
+_NO_MOMENT_GRADS = {dtype: (_EMPTY[dtype].reshape(0, 0), _EMPTY[dtype].reshape(0, 0), _EMPTY[dtype], _EMPTY[dtype])
+                    for dtype in _DTYPES}
 
 
 def _array(t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
@@ -145,88 +148,167 @@ class RunningStatistics(NamedTuple):
     group_mean: Tensor | None
     group_var: Tensor | None
 
-    def arrays(self, dtype: torch.dtype) -> tuple[np.ndarray, ...]:
-        tensors = (self.num_batches_tracked.view(1), self.mean, self.var, self.mix_mean, self.mix_std)
-        arrays = tuple(t.numpy() for t in tensors)
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The buffers that the forward kernel updates, in its order (the group ones only with ``num_groups``)."""
+        tensors = (self.num_batches_tracked, self.mean, self.var, self.mix_mean, self.mix_std)
         if self.group_mean is None:
-            return (*arrays, *_NO_RUNNING[dtype][5:])
-        return (*arrays, self.group_batches_tracked.numpy(), self.group_mean.numpy(), self.group_var.numpy())
+            return tensors
+        return (*tensors, self.group_batches_tracked, self.group_mean, self.group_var)
+
+
+class ViewCache:
+    """NumPy views of tensors that live from step to step (a layer's parameters and running statistics),
+    made again only when one of them is in other memory than last time (moved, cast or reassigned).
+
+    A view shares its tensor's memory, so in-place updates (an optimizer's, the running averages') show
+    through it; and it holds that memory, so no other tensor can take the address while it is cached. A
+    non-contiguous tensor is not cached: its array would be a copy.
+    """
+
+    __slots__ = ("_key", "_arrays")
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._arrays: tuple[np.ndarray, ...] = ()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return ViewCache, ()  # a copy or a pickle starts empty: its views would be of other tensors' memory
+
+    def of(self, tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[np.ndarray, ...]:
+        """The arrays of ``tensors`` (:func:`_array`: an empty one for ``None``), from the cache if none moved."""
+        key = (dtype, *(0 if t is None else t.data_ptr() for t in tensors))
+        if key != self._key:
+            arrays = tuple(_array(t, dtype) for t in tensors)
+            if all(t is None or t.is_contiguous() for t in tensors):
+                self._key, self._arrays = key, arrays
+            return arrays
+        return self._arrays
+
+
+class Step(NamedTuple):
+    """What one training-time call of the kernels gives: the output; ``stats``, ``(2G + 4, C)`` in ``x``'s
+    dtype (the group means, the group variances, then the batch's mean and variance and the mixed mean
+    and deviation); the samples per group; whether every group has statistics of its own; the sum of the
+    batch's means and variances (finite if and only if they all are); and, if asked for, the group means
+    and variances and the batch's mean and variance as differentiable tensors (for the alignment penalties)."""
+
+    out: Tensor
+    stats: np.ndarray
+    samples: np.ndarray
+    all_eligible: bool
+    summary: float
+    moments: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 class SharedMixFunction(torch.autograd.Function):
     """The training-time layer with one shared mixture, through the compiled kernels.
 
-    ``apply(x, groups, mixing, weight, bias, eps, in_batch_units, from_draws, running, sink)`` returns the
-    output and appends :func:`forward`'s other results to ``sink``; the backward gives ``x``, the mixture,
-    the weight and the bias their gradients (first derivatives only).
+    ``apply(x, groups, mixing, weight, bias, options, sink)`` returns the output, and with
+    ``options.with_moments`` the four moments of :class:`Step` too; it appends the :class:`Step` to
+    ``sink``. The backward gives ``x``, the mixture, the weight and the bias their gradients (first
+    derivatives only), those reaching the moments included.
     """
 
     @staticmethod
-    def forward(ctx, x, groups, mixing, weight, bias, eps, in_batch_units, from_draws, running, sink):  # noqa: ANN001, ANN205, E501
-        out, stats, samples, all_eligible, summary, arrays = forward(x, groups, mixing, weight, bias, eps,
-                                                                     in_batch_units, from_draws, running)
-        sink.extend((stats, samples, all_eligible, summary))
+    def forward(ctx, x, groups, mixing, weight, bias, options, sink):  # noqa: ANN001, ANN205
+        step, arrays = forward(x, groups, mixing, weight, bias, options)
         ctx.save_for_backward(x, weight, bias)  # for autograd's check that they are not modified in place
-        ctx.arrays, ctx.stats, ctx.samples, ctx.positions = arrays, stats.numpy(), samples, math.prod(x.shape[2:])
-        ctx.eps, ctx.in_batch_units = eps, in_batch_units
-        return out
+        ctx.arrays, ctx.stats, ctx.samples, ctx.options = arrays, step.stats, step.samples, options
+        if not options.with_moments:
+            sink.append(step)
+            return step.out
+        num_groups = step.samples.shape[0]
+        moments = tuple(part.clone() for part in torch.from_numpy(step.stats[:2 * num_groups + 2]).split(
+            [num_groups, num_groups, 1, 1]))
+        moments = (moments[0], moments[1], moments[2][0], moments[3][0])
+        sink.append(step._replace(moments=moments))
+        return (step.out, *moments)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out):  # noqa: ANN001, ANN205
+    def backward(ctx, d_out, *d_moments):  # noqa: ANN001, ANN205
         x, _, _ = ctx.saved_tensors
         needs_x, _, needs_mixing, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         if not d_out.is_contiguous():
             d_out = d_out.contiguous()
         d_x = torch.empty_like(x) if needs_x else d_out
         x_array, groups, mixing, weight, bias = ctx.arrays
-        n = x_array.shape[0]
+        n, options = x_array.shape[0], ctx.options
+        moment_grads = (tuple(_array(d.contiguous(), x.dtype) for d in d_moments) if d_moments
+                        else _NO_MOMENT_GRADS[x.dtype])
         d_mixing, d_weight, d_bias = _backward_kernel(
-            x_array, ctx.positions, groups,
-            d_out.numpy().reshape(n, -1), mixing, weight, bias, ctx.eps, ctx.in_batch_units, ctx.stats, ctx.samples,
-            d_x.numpy().reshape(n, -1), needs_x)
+            x_array, options.positions, groups, d_out.numpy().reshape(n, -1), mixing, weight, bias, options.eps,
+            options.in_batch_units, ctx.stats, ctx.samples, moment_grads, d_x.numpy().reshape(n, -1), needs_x)
         return (d_x if needs_x else None, None, torch.from_numpy(d_mixing) if needs_mixing else None,
                 torch.from_numpy(d_weight) if needs_weight else None, torch.from_numpy(d_bias) if needs_bias else None,
-                None, None, None, None, None)
+                None, None)
+
+
+class Options(NamedTuple):
+    """The fixed arguments of one call: ``eps``, the output in batch units (``output_scale="batch"``),
+    ``mixing`` holding Gamma draws to turn into the mixture, the moments wanted as outputs, the running
+    statistics to update, the :class:`ViewCache` of the caller, and the spatial positions per channel."""
+
+    eps: float
+    in_batch_units: bool
+    from_draws: bool = False
+    with_moments: bool = False
+    running: RunningStatistics | None = None
+    views: ViewCache | None = None
+    positions: int = 1
 
 
 def shared_mix_norm(
     x: Tensor, groups: Tensor, mixing: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-    in_batch_units: bool, *, from_draws: bool = False, running: RunningStatistics | None = None,
-) -> tuple[Tensor, Tensor, np.ndarray, bool, float]:
-    """``(out, stats, samples, all_eligible, summary)`` of :func:`forward`, the output differentiable in ``x``,
-    ``mixing``, ``weight`` and ``bias`` (when grad mode is on and one of them requires it)."""
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mixing, weight, bias))):
-        return forward(x, groups, mixing, weight, bias, eps, in_batch_units, from_draws, running)[:5]
-    sink: list[Any] = []
-    out = SharedMixFunction.apply(x, groups, mixing, weight, bias, eps, in_batch_units, from_draws, running, sink)
-    return (out, *sink)
+    in_batch_units: bool, *, from_draws: bool = False, with_moments: bool = False,
+    running: RunningStatistics | None = None, views: ViewCache | None = None,
+) -> Step:
+    """The :class:`Step` of :func:`forward`, its output (and moments) differentiable in ``x``, ``mixing``,
+    ``weight`` and ``bias`` when grad mode is on and one of them requires it.
+
+    With ``from_draws`` ``mixing`` holds Gamma draws, one per group, and is overwritten with the mixture
+    they give (as :func:`~groupmixnorm.nn.functional.weights_from_gamma` computes it). ``running``
+    statistics are updated in place if the batch's statistics are finite. ``views`` caches the NumPy views
+    of the weight, bias and running statistics from call to call.
+    """
+    options = Options(eps, in_batch_units, from_draws, with_moments, running, views, math.prod(x.shape[2:]))
+    if not (torch.is_grad_enabled() and (x.requires_grad or mixing.requires_grad
+                                         or (weight is not None and (weight.requires_grad or bias.requires_grad)))):
+        step = forward(x, groups, mixing, weight, bias, options)[0]
+        if with_moments:
+            counts = step.samples.shape[0]
+            stats = torch.from_numpy(step.stats)
+            step = step._replace(moments=(stats[:counts], stats[counts:2 * counts], stats[2 * counts],
+                                          stats[2 * counts + 1]))
+        return step
+    sink: list[Step] = []
+    SharedMixFunction.apply(x, groups, mixing, weight, bias, options, sink)
+    return sink[0]
 
 
 def forward(
-    x: Tensor, groups: Tensor, mixing: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-    in_batch_units: bool, from_draws: bool = False, running: RunningStatistics | None = None,
-) -> tuple[Tensor, Tensor, np.ndarray, bool, float, tuple[np.ndarray, ...]]:
-    """The forward pass: ``(out, stats, samples, all_eligible, summary, arrays)``.
-
-    ``stats`` is ``(2G + 4, C)`` in ``x``'s dtype: the group means, the group variances, then the batch's
-    mean and variance and the mixed mean and deviation. ``samples`` counts the samples per group,
-    ``all_eligible`` says whether every group has statistics of its own, and ``summary`` is the sum of the
-    batch's means and variances (finite if and only if they all are); ``arrays`` are the inputs as the
-    kernels see them. With ``from_draws`` ``mixing`` holds Gamma draws, one per group, and is overwritten
-    with the mixture they give (as :func:`~groupmixnorm.nn.functional.weights_from_gamma` computes it).
-    ``running`` statistics are updated in place if the batch's statistics are finite.
-    """
+    x: Tensor, groups: Tensor, mixing: Tensor, weight: Tensor | None, bias: Tensor | None, options: Options,
+) -> tuple[Step, tuple[np.ndarray, ...]]:
+    """The forward pass without autograd: the :class:`Step` (no moments) and the inputs as the kernels see them."""
     n = x.shape[0]
-    out = torch.empty_like(x)
-    arrays = (x.numpy(force=True).reshape(n, -1), groups.contiguous().numpy(), mixing.numpy(force=True),
-              _array(weight, x.dtype), _array(bias, x.dtype))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    running = options.running
+    tensors = (weight, bias) if running is None else (weight, bias, *running.tensors())
+    views = tuple(_array(t, x.dtype) for t in tensors) if options.views is None else options.views.of(tensors, x.dtype)
+    arrays = (x.detach().numpy().reshape(n, -1), groups.numpy(), mixing.detach().numpy(), views[0], views[1])
     momentum = -1.0 if running is None or running.momentum is None else running.momentum
     stats, samples, all_eligible, summary = _forward_kernel(
-        arrays[0], math.prod(x.shape[2:]), arrays[1], arrays[2], from_draws, arrays[3], arrays[4], eps,
-        in_batch_units, out.numpy().reshape(n, -1), momentum,
-        _NO_RUNNING[x.dtype] if running is None else running.arrays(x.dtype))
-    return out, torch.from_numpy(stats), samples, bool(all_eligible), float(summary), arrays
+        arrays[0], options.positions, arrays[1], arrays[2], options.from_draws, arrays[3], arrays[4], options.eps,
+        options.in_batch_units, out.numpy().reshape(n, -1), momentum,
+        _NO_RUNNING[x.dtype] if running is None else _running_arrays(views[2:], x.dtype))
+    return Step(out, stats, samples, bool(all_eligible), float(summary)), arrays
+
+
+def _running_arrays(arrays: tuple[np.ndarray, ...], dtype: torch.dtype) -> tuple[np.ndarray, ...]:
+    """The running statistics' arrays as the forward kernel takes them: eight, the group ones empty without
+    ``num_groups``; the batch counter as a 1-element array."""
+    arrays = (arrays[0].reshape(1), *arrays[1:])
+    return arrays if len(arrays) == 8 else (*arrays, *_NO_RUNNING[dtype][5:])
 
 
 # ------------------------------------------------------------------------------------------ the kernels
@@ -407,8 +489,8 @@ def _output_map(weight, bias, affine, in_batch_units, batch_mean, batch_var, eps
     return factor, offset
 
 
-def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_batch_units, stats, samples, d_x,  # noqa: ANN001, ANN202, E501
-                   need_x):
+def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_batch_units, stats, samples,  # noqa: ANN001, ANN202, E501
+                   moment_grads, d_x, need_x):
     num = x.shape[0]
     channels = x.shape[1] // positions
     num_groups = mixing.shape[0]
@@ -510,6 +592,16 @@ def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_ba
         d_bias[c] = d_level[c]
     if not need_x:
         return d_mixing, d_weight, d_bias
+    d_mean_in, d_var_in, d_batch_mean_in, d_batch_var_in = moment_grads
+    if d_mean_in.shape[0]:  # gradients that reach the moments themselves (the alignment penalties)
+        for g in range(num_groups):
+            s0, s1, dm, dv = d_shift[g], centred[g], d_mean_in[g], d_var_in[g]
+            for c in range(channels):
+                s0[c] += dm[c]
+                s1[c] += dv[c]
+        for c in range(channels):
+            d_batch_mean[c] += d_batch_mean_in[c]
+            d_batch_var[c] += d_batch_var_in[c]
 
     # Pass 2: dx = dy * scale[g] + slope[g] * (x - mean[g]) + offset[g], where the batch's terms
     # slope_B * (x - mean_B) = slope_B * (x - mean[g]) + slope_B * (mean[g] - mean_B) are folded into the

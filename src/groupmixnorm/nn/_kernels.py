@@ -574,10 +574,11 @@ def shared_mix_norm(
     Returns the output, the differentiable moments if ``with_moments`` (else ``None``), and the batch's
     statistics for the running averages.
     """
-    if _fused_cpu.applies(x, segments.groups, weight, bias, mixing=mixing, with_moments=with_moments):
-        out, stats, _, _, _ = _fused_cpu.shared_mix_norm(x, segments.groups, mixing, weight, bias, eps,
-                                                         output_scale == "batch")
-        return out, None, batch_statistics(counts, stats)
+    if _fused_cpu.applies(x, segments.groups, weight, bias, mixing=mixing):
+        step = _fused_cpu.shared_mix_norm(x, segments.groups, mixing, weight, bias, eps, output_scale == "batch",
+                                          with_moments=with_moments)
+        moments = None if step.moments is None else GroupMoments(counts, *step.moments)
+        return step.out, moments, batch_statistics(counts, torch.from_numpy(step.stats))
     if all_eligible is None:
         all_eligible = every_group_eligible(counts)
     sink: list[BatchStatistics] = []

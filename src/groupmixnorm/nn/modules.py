@@ -43,6 +43,8 @@ class _GroupMixNorm(nn.Module):
     """Base class of :class:`GroupMixNorm1d` and :class:`GroupMixNorm2d`; see their docstrings."""
 
     _expected_dims: tuple[int, ...] = ()
+    #: NumPy views of the parameters and buffers for the compiled CPU kernels, made once (None: none kept).
+    _views: _fused_cpu.ViewCache | None = None
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class _GroupMixNorm(nn.Module):
         if track_running_stats:
             self._register_running_buffers(factory)
         self.reset_parameters()
+        self._views = _fused_cpu.ViewCache()
 
     def _register_running_buffers(self, factory: dict) -> None:
         channels = self.num_features
@@ -216,8 +219,8 @@ class _GroupMixNorm(nn.Module):
         """The fast path: one fused autograd function computes the moments, the output and its gradient; the
         moments are returned (differentiable) when ``with_moments``."""
         running_dtype = self.running_mean.dtype if self.track_running_stats else None
-        if _fused_cpu.applies(x, groups, weight, bias, with_moments=with_moments, running_dtype=running_dtype):
-            return self._compiled_shared_step(x, groups, table_size, weight, bias), None
+        if _fused_cpu.applies(x, groups, weight, bias, running_dtype=running_dtype):
+            return self._compiled_shared_step(x, groups, table_size, weight, bias, with_moments)
         counts, segments = K.counts_and_segments(groups, table_size, values_per_sample(x), x.dtype)
         all_eligible = K.every_group_eligible(counts)
         mixing = F.shared_mixing_weights(counts, self.alpha, all_eligible=all_eligible)
@@ -229,8 +232,9 @@ class _GroupMixNorm(nn.Module):
         return out, moments
 
     def _compiled_shared_step(
-        self, x: Tensor, groups: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None
-    ) -> Tensor:
+        self, x: Tensor, groups: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None,
+        with_moments: bool,
+    ) -> tuple[Tensor, GroupMoments | None]:
         """:meth:`_fused_shared_step` through the compiled CPU kernels (:mod:`~groupmixnorm.nn._fused_cpu`): one
         call counts the groups, turns this batch's Gamma draws into the mixture (the same draws as
         :func:`~groupmixnorm.nn.functional.shared_mixing_weights`), normalizes and updates the running
@@ -238,17 +242,22 @@ class _GroupMixNorm(nn.Module):
         draws = F.gamma_draws(x.new_empty(table_size), self.alpha)
         running = None
         if self.track_running_stats:
-            grouped = self.num_groups is not None
+            buffers = self._buffers
             running = _fused_cpu.RunningStatistics(
-                self.momentum, self.num_batches_tracked, self.running_mean, self.running_var, self.running_mix_mean,
-                self.running_mix_std, *((self.group_batches_tracked, self.running_group_mean, self.running_group_var)
-                                        if grouped else (None, None, None)))
-        out, stats, samples, _, summary = _fused_cpu.shared_mix_norm(
-            x, groups, draws, weight, bias, self.eps, self.output_scale == "batch", from_draws=True, running=running)
-        if not math.isfinite(summary):  # the running statistics are untouched: say why
-            counts = torch.from_numpy(samples).to(x.dtype) * values_per_sample(x)
-            self._check_finite(K.batch_statistics(counts, stats).moments, x)
-        return out
+                self.momentum, buffers["num_batches_tracked"], buffers["running_mean"], buffers["running_var"],
+                buffers["running_mix_mean"], buffers["running_mix_std"],
+                buffers.get("group_batches_tracked"), buffers.get("running_group_mean"),
+                buffers.get("running_group_var"))
+        step = _fused_cpu.shared_mix_norm(x, groups, draws, weight, bias, self.eps, self.output_scale == "batch",
+                                          from_draws=True, with_moments=with_moments, running=running,
+                                          views=self._views)
+        if not math.isfinite(step.summary):  # the running statistics are untouched: say why
+            counts = torch.from_numpy(step.samples).to(x.dtype) * values_per_sample(x)
+            self._check_finite(K.batch_statistics(counts, torch.from_numpy(step.stats)).moments, x)
+        if step.moments is None:
+            return step.out, None
+        counts = torch.from_numpy(step.samples).to(x.dtype) * values_per_sample(x)
+        return step.out, GroupMoments(counts, *step.moments)
 
     def _stratified_step(
         self, x: Tensor, groups: Tensor, strata: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None

@@ -128,8 +128,8 @@ def _add_train_options(train: argparse.ArgumentParser) -> None:
     fair.add_argument("--cross-fit", default=None, metavar="auto|K",
                       help="with --max-gap: judge each trial on the out-of-fold scores of the training and "
                       "validation rows together, K folds (one model per fold), instead of on the validation "
-                      "split alone; the chosen setting then trains on all those rows for the folds' median "
-                      "epochs and accepts the share of them its out-of-fold decisions accepted. 1: never; auto: 5 folds "
+                      "split alone; the chosen setting then trains on the training split and decides at the "
+                      "score that accepts the share of all those rows its out-of-fold decisions accepted. 1: never; auto: 5 folds "
                       "when the validation split has a group under 100 rows [default: auto]")
     _add_executor_options(fair, "trials of a --max-gap search (the methods side by side)")
 

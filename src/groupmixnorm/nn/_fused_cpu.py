@@ -217,10 +217,8 @@ class SharedMixFunction(torch.autograd.Function):
         if not options.with_moments:
             sink.append(step)
             return step.out
-        num_groups = step.samples.shape[0]
-        moments = tuple(part.clone() for part in torch.from_numpy(step.stats[:2 * num_groups + 2]).split(
-            [num_groups, num_groups, 1, 1]))
-        moments = (moments[0], moments[1], moments[2][0], moments[3][0])
+        # Outputs of their own, not views of one table: autograd tracks each output separately.
+        moments = tuple(part.clone() for part in _moments_of(step))
         sink.append(step._replace(moments=moments))
         return (step.out, *moments)
 
@@ -275,12 +273,7 @@ def shared_mix_norm(
     if not (torch.is_grad_enabled() and (x.requires_grad or mixing.requires_grad
                                          or (weight is not None and (weight.requires_grad or bias.requires_grad)))):
         step = forward(x, groups, mixing, weight, bias, options)[0]
-        if with_moments:
-            counts = step.samples.shape[0]
-            stats = torch.from_numpy(step.stats)
-            step = step._replace(moments=(stats[:counts], stats[counts:2 * counts], stats[2 * counts],
-                                          stats[2 * counts + 1]))
-        return step
+        return step._replace(moments=_moments_of(step)) if with_moments else step
     sink: list[Step] = []
     SharedMixFunction.apply(x, groups, mixing, weight, bias, options, sink)
     return sink[0]
@@ -291,7 +284,7 @@ def forward(
 ) -> tuple[Step, tuple[np.ndarray, ...]]:
     """The forward pass without autograd: the :class:`Step` (no moments) and the inputs as the kernels see them."""
     n = x.shape[0]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
     running = options.running
     tensors = (weight, bias) if running is None else (weight, bias, *running.tensors())
     views = tuple(_array(t, x.dtype) for t in tensors) if options.views is None else options.views.of(tensors, x.dtype)
@@ -302,6 +295,13 @@ def forward(
         options.in_batch_units, out.numpy().reshape(n, -1), momentum,
         _NO_RUNNING[x.dtype] if running is None else _running_arrays(views[2:], x.dtype))
     return Step(out, stats, samples, bool(all_eligible), float(summary)), arrays
+
+
+def _moments_of(step: Step) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The group means and variances and the batch's mean and variance: views of ``step.stats``."""
+    num_groups = step.samples.shape[0]
+    stats = torch.from_numpy(step.stats)
+    return stats[:num_groups], stats[num_groups:2 * num_groups], stats[2 * num_groups], stats[2 * num_groups + 1]
 
 
 def _running_arrays(arrays: tuple[np.ndarray, ...], dtype: torch.dtype) -> tuple[np.ndarray, ...]:

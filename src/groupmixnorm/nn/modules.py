@@ -251,12 +251,12 @@ class _GroupMixNorm(nn.Module):
         step = _fused_cpu.shared_mix_norm(x, groups, draws, weight, bias, self.eps, self.output_scale == "batch",
                                           from_draws=True, with_moments=with_moments, running=running,
                                           views=self._views)
-        if not math.isfinite(step.summary):  # the running statistics are untouched: say why
-            counts = torch.from_numpy(step.samples).to(x.dtype) * values_per_sample(x)
-            self._check_finite(K.batch_statistics(counts, torch.from_numpy(step.stats)).moments, x)
-        if step.moments is None:
+        finite = math.isfinite(step.summary)
+        if finite and step.moments is None:
             return step.out, None
         counts = torch.from_numpy(step.samples).to(x.dtype) * values_per_sample(x)
+        if not finite:  # the running statistics are untouched: say why
+            self._check_finite(K.batch_statistics(counts, torch.from_numpy(step.stats)).moments, x)
         return step.out, GroupMoments(counts, *step.moments)
 
     def _stratified_step(

@@ -230,9 +230,10 @@ def write_markdown(path: str, rows: list[dict], compiled: list[dict], floors: li
         "upper gradient or views of them); `memory ratio` divides the exact peaks. `path` is the kernel GroupMixNorm's "
         "step ran on: `numba`, the compiled CPU kernels (`groupmixnorm/nn/_fused_cpu.py`), or `torch`, the hand-written "
         "autograd functions of ATen operations (`_kernels.py`). The numba kernels' own work arrays are NumPy memory, "
-        "which the peak does not see: about 36 bytes per (group, channel) in the backward (plus the `(2G + 4, C)` "
-        "statistics kept for it), nothing at 2 or 8 groups but more than the batch itself at 64 groups and N = 256, "
-        "where the true peak is about 2.4 times BatchNorm's.", "",
+        "which the peak does not see. From the forward to the backward they keep the `(2G + 4, C)` statistics and the "
+        "table the output was computed with (16 bytes per group and channel in float32); the backward adds 24 bytes "
+        "per group and channel. That is nothing at 2 or 8 groups, but more than the batch itself at 64 groups and "
+        "N = 256, where the true peak is about 2.5 times BatchNorm's.", "",
         "| layer | shape | groups | path | GMN ms | BN ms | ratio | cpu ratio | GMN MiB | BN MiB | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

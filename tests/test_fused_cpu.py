@@ -326,6 +326,35 @@ def test_the_rule_picks_the_compiled_kernels_where_it_should(monkeypatch) -> Non
     assert len(calls) == 2
 
 
+def test_a_retained_graph_gives_the_same_gradients_each_time() -> None:
+    """The backward reads the forward's table without changing it, so a second backward through a retained
+    graph gives the first one's gradients again."""
+    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    groups = torch.arange(40) % 5
+    out = GroupMixNorm1d(6, num_groups=5, dtype=torch.float64)(x, groups)
+    upstream = torch.randn_like(out)
+    first = torch.autograd.grad(out, x, upstream, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x, upstream)[0]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_first_step_without_autograd_compiles_the_kernels(mode, monkeypatch) -> None:
+    """The one-time trial compile runs with autograd on whatever mode the first caller is in (a training
+    step under ``torch.no_grad()`` recalibrating statistics), and a failed trial is not tried again."""
+    monkeypatch.setattr(FC, "_compiled", {})
+    x, groups = torch.randn(32, 4), torch.arange(32) % 2
+    with mode():
+        assert FC.applies(x, groups, None, None)
+        GroupMixNorm1d(4, num_groups=2)(x, groups)
+    assert FC._compiled == {torch.float32: True}
+    monkeypatch.setattr(FC, "_compiled", {})
+    trials = []
+    monkeypatch.setattr(FC, "shared_mix_norm", lambda *a, **k: trials.append(1) or 1 / 0)
+    assert not FC.applies(x, groups, None, None) and not FC.applies(x, groups, None, None)
+    assert trials == [1] and FC._compiled == {torch.float32: False}
+
+
 def test_the_layer_trains_without_numba() -> None:
     """With numba unimportable the package imports, the rule says no, and a training step runs."""
     script = (

@@ -18,7 +18,8 @@ In the layers' training step the forward call also counts the groups, turns the 
 the mixture and updates the running statistics in place (:class:`RunningStatistics`), so that a step is
 one compiled call each way; the layer's parameters and buffers are handed to it as NumPy views made once
 (:class:`ViewCache`). No batch-sized temporary besides the output (and ``dx``); the ``(G, C)`` work arrays
-are NumPy memory. The input is viewed as ``(N, C, L)``, ``L`` the product of the spatial sizes (1 for 2D
+are NumPy memory, and the forward hands its statistics table to the backward (:data:`Table`) instead of
+the backward computing it again. The input is viewed as ``(N, C, L)``, ``L`` the product of the spatial sizes (1 for 2D
 input); float32 and float64.
 
 **When it is used** (:func:`applies`): numba imported and compiles, ``x`` is a contiguous CPU tensor in
@@ -64,6 +65,11 @@ _compiled: dict[torch.dtype, bool] = {}  # whether the kernels compiled (and ran
 # Reassociation lets LLVM vectorize the reductions; NaN and infinity keep their meaning (the layer's
 # finiteness check reads the batch statistics).
 _FASTMATH = {"reassoc", "contract"}
+#: ``error_model="numpy"``: a float division by zero gives infinity or NaN, as in NumPy, instead of raising
+#: ``ZeroDivisionError``. Python's rule puts a test and a branch before every division, and that branch
+#: keeps LLVM from vectorizing the loops that divide (the (G, C) arithmetic); no division here can meet
+#: a zero divisor that the finiteness check would not report.
+_COMPILE_OPTIONS = {"cache": True, "fastmath": _FASTMATH, "nogil": True, "error_model": "numpy"}
 
 
 @contextmanager
@@ -99,21 +105,23 @@ def applies(
         and (weight is None) == (bias is None)
         and (weight is None or weight.dtype == bias.dtype == x.dtype)
         and (running_dtype is None or running_dtype == x.dtype)
-        and (_compiled.get(x.dtype) or _compile(x.dtype))
+        and (_compiled[x.dtype] if x.dtype in _compiled else _compile(x.dtype))
     )
 
 
 def _compile(dtype: torch.dtype) -> bool:
     """Compile (or load from numba's cache) and run the kernels once on a tiny batch; ``False`` if that fails,
-    after which this dtype stays on the torch path."""
+    after which this dtype stays on the torch path. The trial runs with autograd on whatever mode the first
+    caller is in (a training step under ``torch.no_grad()`` is one)."""
     try:
-        x = torch.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(4, 3).requires_grad_()
-        groups = torch.tensor([0, 1, 0, 1])
-        mixing = torch.tensor([0.5, 0.5], dtype=dtype)
-        ones = torch.ones(3, dtype=dtype)
-        out = shared_mix_norm(x, groups, mixing, ones, ones, 1e-5, True)[0]
-        out.backward(torch.ones_like(out))
-        ok = bool(torch.isfinite(x.grad).all())
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(4, 3).requires_grad_()
+            groups = torch.tensor([0, 1, 0, 1])
+            mixing = torch.tensor([0.5, 0.5], dtype=dtype)
+            ones = torch.ones(3, dtype=dtype)
+            out = shared_mix_norm(x, groups, mixing, ones, ones, 1e-5, True)[0]
+            out.backward(torch.ones_like(out))
+            ok = bool(torch.isfinite(x.grad).all())
     except Exception:  # noqa: BLE001 - any failure to compile means: use the torch path
         ok = False
     _compiled[dtype] = ok
@@ -185,18 +193,26 @@ class ViewCache:
         return self._arrays
 
 
+#: What the forward kernel hands the backward besides ``stats``: the table's means and the output map's
+#: scales, ``(G, C)`` in ``x``'s dtype as the output was computed with them, and the table's inverse
+#: deviations, ``(G, C)`` float64 (a group without statistics of its own holds the batch's in its rows).
+Table = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 class Step(NamedTuple):
     """What one training-time call of the kernels gives: the output; ``stats``, ``(2G + 4, C)`` in ``x``'s
     dtype (the group means, the group variances, then the batch's mean and variance and the mixed mean
     and deviation); the samples per group; whether every group has statistics of its own; the sum of the
-    batch's means and variances (finite if and only if they all are); and, if asked for, the group means
-    and variances and the batch's mean and variance as differentiable tensors (for the alignment penalties)."""
+    batch's means and variances (finite if and only if they all are); the statistics table as the output
+    map used it (:data:`Table`); and, if asked for, the group means and variances and the batch's mean and
+    variance as differentiable tensors (for the alignment penalties)."""
 
     out: Tensor
     stats: np.ndarray
     samples: np.ndarray
     all_eligible: bool
     summary: float
+    table: Table
     moments: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
@@ -213,7 +229,8 @@ class SharedMixFunction(torch.autograd.Function):
     def forward(ctx, x, groups, mixing, weight, bias, options, sink):  # noqa: ANN001, ANN205
         step, arrays = forward(x, groups, mixing, weight, bias, options)
         ctx.save_for_backward(x, weight, bias)  # for autograd's check that they are not modified in place
-        ctx.arrays, ctx.stats, ctx.samples, ctx.options = arrays, step.stats, step.samples, options
+        ctx.arrays, ctx.options = arrays, options
+        ctx.stats, ctx.samples, ctx.table = step.stats, step.samples, step.table
         if not options.with_moments:
             sink.append(step)
             return step.out
@@ -236,7 +253,8 @@ class SharedMixFunction(torch.autograd.Function):
                         else _NO_MOMENT_GRADS[x.dtype])
         d_mixing, d_weight, d_bias = _backward_kernel(
             x_array, options.positions, groups, d_out.numpy().reshape(n, -1), mixing, weight, bias, options.eps,
-            options.in_batch_units, ctx.stats, ctx.samples, moment_grads, d_x.numpy().reshape(n, -1), needs_x)
+            options.in_batch_units, ctx.stats, ctx.samples, ctx.table, moment_grads,
+            d_x.numpy().reshape(n, -1), needs_x)
         return (d_x if needs_x else None, None, torch.from_numpy(d_mixing) if needs_mixing else None,
                 torch.from_numpy(d_weight) if needs_weight else None, torch.from_numpy(d_bias) if needs_bias else None,
                 None, None)
@@ -290,11 +308,11 @@ def forward(
     views = tuple(_array(t, x.dtype) for t in tensors) if options.views is None else options.views.of(tensors, x.dtype)
     arrays = (x.detach().numpy().reshape(n, -1), groups.numpy(), mixing.detach().numpy(), views[0], views[1])
     momentum = -1.0 if running is None or running.momentum is None else running.momentum
-    stats, samples, all_eligible, summary = _forward_kernel(
+    stats, samples, all_eligible, summary, table = _forward_kernel(
         arrays[0], options.positions, arrays[1], arrays[2], options.from_draws, arrays[3], arrays[4], options.eps,
         options.in_batch_units, out.numpy().reshape(n, -1), momentum,
         _NO_RUNNING[x.dtype] if running is None else _running_arrays(views[2:], x.dtype))
-    return Step(out, stats, samples, bool(all_eligible), float(summary)), arrays
+    return Step(out, stats, samples, bool(all_eligible), float(summary), table), arrays
 
 
 def _moments_of(step: Step) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -414,11 +432,14 @@ def _forward_impl(x, positions, groups, mixing, from_draws, weight, bias, eps, i
     spread = mixed_std * factor
     centre = shift  # reused: the table's means in x's dtype
     scale = np.empty((num_groups, channels), x.dtype)
+    inverse_std = second  # reused: the table's inverse deviations, kept for the backward
     for g in range(num_groups):
         s1, s2, m, sc = first[g], second[g], centre[g], scale[g]
         for c in range(channels):
             m[c] = s1[c]
-            sc[c] = spread[c] / s2[c]
+            inverse = 1.0 / s2[c]
+            s2[c] = inverse
+            sc[c] = spread[c] * inverse
     level = (mixed_mean * factor + offset).astype(x.dtype)
 
     # Pass 2: y = (x - mean_table[g]) * scale[g] + level.
@@ -444,7 +465,7 @@ def _forward_impl(x, positions, groups, mixing, from_draws, weight, bias, eps, i
         summary += np.float64(stats[2 * num_groups, c]) + np.float64(stats[2 * num_groups + 1, c])
     if running[0].shape[0] and np.isfinite(summary):
         _fold_running(stats, samples, positions, momentum, *running)
-    return stats, samples, all_eligible, summary
+    return stats, samples, all_eligible, summary, (centre, scale, inverse_std)
 
 
 def _fold_running(stats, samples, positions, momentum, batches, mean, var, mixed_mean, mixed_std,  # noqa: ANN001, ANN202
@@ -489,7 +510,7 @@ def _output_map(weight, bias, affine, in_batch_units, batch_mean, batch_var, eps
     return factor, offset
 
 
-def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_batch_units, stats, samples,  # noqa: ANN001, ANN202, E501
+def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_batch_units, stats, samples, table,  # noqa: ANN001, ANN202, E501
                    moment_grads, d_x, need_x):
     num = x.shape[0]
     channels = x.shape[1] // positions
@@ -497,7 +518,6 @@ def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_ba
     affine = weight.shape[0] > 0
     total = num * positions
     mean = stats[:num_groups]
-    var = stats[num_groups:2 * num_groups]
     batch_mean = stats[2 * num_groups].astype(np.float64)
     batch_var = stats[2 * num_groups + 1].astype(np.float64)
     mixed_mean = stats[2 * num_groups + 2].astype(np.float64)
@@ -506,23 +526,7 @@ def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_ba
     batch_std = np.sqrt(batch_var + eps)
     factor, _ = _output_map(weight, bias, affine, in_batch_units, batch_mean, batch_var, eps, channels)
     spread = mixed_std * factor
-    # The table as in the forward: its means (in x's dtype for the passes) and inverse deviations, and the
-    # map's scale.
-    centre = np.empty((num_groups, channels), x.dtype)
-    inverse_std = np.empty((num_groups, channels))
-    scale = np.empty((num_groups, channels), x.dtype)
-    for g in range(num_groups):
-        m, v, ce, inv, sc = mean[g], var[g], centre[g], inverse_std[g], scale[g]
-        if eligible[g]:
-            for c in range(channels):
-                ce[c] = m[c]
-                inv[c] = 1.0 / np.sqrt(np.float64(v[c]) + eps)
-        else:
-            for c in range(channels):
-                ce[c] = batch_mean[c]
-                inv[c] = 1.0 / batch_std[c]
-        for c in range(channels):
-            sc[c] = spread[c] * inv[c]
+    centre, scale, inverse_std = table  # read only: a retained graph runs this backward again
 
     # Pass 1: sum_g dy and sum_g dy * (x - mean_table[g]).
     d_shift = np.zeros((num_groups, channels))
@@ -606,7 +610,7 @@ def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_ba
     # Pass 2: dx = dy * scale[g] + slope[g] * (x - mean[g]) + offset[g], where the batch's terms
     # slope_B * (x - mean_B) = slope_B * (x - mean[g]) + slope_B * (mean[g] - mean_B) are folded into the
     # tables (exactly, and without cancellation when the mean is large relative to the spread).
-    slope = centre  # reused, in x's dtype
+    slope = np.empty((num_groups, channels), x.dtype)
     offset = np.empty((num_groups, channels), x.dtype)
     batch_slope = d_batch_var * (2.0 / total)
     batch_offset = d_batch_mean / total
@@ -635,10 +639,10 @@ def _backward_impl(x, positions, groups, d_out, mixing, weight, bias, eps, in_ba
 
 if njit is not None:
     try:
-        _output_map = njit(cache=True, fastmath=_FASTMATH, nogil=True)(_output_map)
-        _fold_running = njit(cache=True, nogil=True)(_fold_running)
-        _forward_kernel = njit(cache=True, fastmath=_FASTMATH, nogil=True)(_forward_impl)
-        _backward_kernel = njit(cache=True, fastmath=_FASTMATH, nogil=True)(_backward_impl)
+        _output_map = njit(**_COMPILE_OPTIONS)(_output_map)
+        _fold_running = njit(cache=True, nogil=True, error_model="numpy")(_fold_running)
+        _forward_kernel = njit(**_COMPILE_OPTIONS)(_forward_impl)
+        _backward_kernel = njit(**_COMPILE_OPTIONS)(_backward_impl)
     except Exception:  # noqa: BLE001 - numba present but unusable: the torch path
         AVAILABLE = False
 

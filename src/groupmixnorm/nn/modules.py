@@ -45,6 +45,9 @@ class _GroupMixNorm(nn.Module):
     _expected_dims: tuple[int, ...] = ()
     #: NumPy views of the parameters and buffers for the compiled CPU kernels, made once (None: none kept).
     _views: _fused_cpu.ViewCache | None = None
+    #: The Gamma concentration of the compiled step's draws and what it was made for (table size, dtype,
+    #: device, alpha): kept from step to step instead of filled anew (None: none kept).
+    _concentration: tuple[tuple[object, ...], Tensor] | None = None
 
     def __init__(
         self,
@@ -239,7 +242,7 @@ class _GroupMixNorm(nn.Module):
         call counts the groups, turns this batch's Gamma draws into the mixture (the same draws as
         :func:`~groupmixnorm.nn.functional.shared_mixing_weights`), normalizes and updates the running
         statistics; one call computes the gradients."""
-        draws = F.gamma_draws(x.new_empty(table_size), self.alpha)
+        draws = self._gamma_draws(table_size, x)
         running = None
         if self.track_running_stats:
             buffers = self._buffers
@@ -258,6 +261,14 @@ class _GroupMixNorm(nn.Module):
         if not finite:  # the running statistics are untouched: say why
             self._check_finite(K.batch_statistics(counts, torch.from_numpy(step.stats)).moments, x)
         return step.out, GroupMoments(counts, *step.moments)
+
+    def _gamma_draws(self, table_size: int, like: Tensor) -> Tensor:
+        """The draws of :func:`~groupmixnorm.nn.functional.gamma_draws` for ``table_size`` groups in ``like``'s
+        dtype and device (the same call on torch's generator), from a concentration tensor kept between steps."""
+        key = (table_size, like.dtype, like.device, self.alpha)
+        if self._concentration is None or self._concentration[0] != key:
+            self._concentration = key, torch.full((table_size,), float(self.alpha), dtype=like.dtype, device=like.device)
+        return torch._standard_gamma(self._concentration[1])
 
     def _stratified_step(
         self, x: Tensor, groups: Tensor, strata: Tensor, table_size: int, weight: Tensor | None, bias: Tensor | None

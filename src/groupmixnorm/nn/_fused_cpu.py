@@ -19,8 +19,8 @@ the mixture and updates the running statistics in place (:class:`RunningStatisti
 one compiled call each way; the layer's parameters and buffers are handed to it as NumPy views made once
 (:class:`ViewCache`). No batch-sized temporary besides the output (and ``dx``); the ``(G, C)`` work arrays
 are NumPy memory, and the forward hands its statistics table to the backward (:data:`Table`) instead of
-the backward computing it again. The input is viewed as ``(N, C, L)``, ``L`` the product of the spatial sizes (1 for 2D
-input); float32 and float64.
+the backward computing it again. The input is viewed as ``(N, C, L)``, ``L`` the product of the spatial
+sizes (1 for 2D input); float32 and float64.
 
 **When it is used** (:func:`applies`): numba imported and compiles, ``x`` is a contiguous CPU tensor in
 float32 or float64, the mixture is shared (1-D), and either torch runs on one thread or ``x`` has at most :data:`SERIAL_MAX_ELEMENTS`

@@ -111,8 +111,8 @@ def applies(
 
 def _compile(dtype: torch.dtype) -> bool:
     """Compile (or load from numba's cache) and run the kernels once on a tiny batch; ``False`` if that fails,
-    after which this dtype stays on the torch path. The trial runs with autograd on whatever mode the first
-    caller is in (a training step under ``torch.no_grad()`` is one)."""
+    after which this dtype stays on the torch path. The trial runs with autograd on, whatever mode the first
+    caller is in (a first training step under ``torch.no_grad()`` would otherwise fail it)."""
     try:
         with torch.inference_mode(False), torch.enable_grad():
             x = torch.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(4, 3).requires_grad_()

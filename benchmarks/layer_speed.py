@@ -8,9 +8,12 @@ reports the medians, their ratio and the peak memory of one step.
 Two clocks are read around every step: wall time and the thread's CPU time. On a machine shared with
 other jobs the CPU-time ratio is the steadier of the two (it leaves out time spent descheduled).
 
-Peak memory counts the bytes of the tensor storages created during one step (forward, backward and the
-input gradient; the input and the upstream gradient exist before) that are alive at the same time,
-tracked with a ``TorchDispatchMode``: the layer's working set, not the process's resident size.
+Peak memory counts the bytes created during one step (forward, backward and the input gradient; the
+input and the upstream gradient exist before) that are alive at the same time: tensor storages, tracked
+with a ``TorchDispatchMode``, and what Python's allocators hand out, tracked with ``tracemalloc``: NumPy
+arrays and, with numba told to allocate through Python (:func:`trace_numba_arrays`), the numba kernels'
+work arrays. That is the layer's working set, not the process's resident size. The tensors alone are
+reported too (``tensor ratio``), as the tables before the kernels' work arrays were counted did.
 
 glibc returns freed heap memory at the top of the heap to the system once more than twice the largest
 recently freed block is free, so a step that allocates a few batch-sized buffers may fault all their
@@ -32,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+import tracemalloc
 import weakref
 from collections.abc import Callable
 
@@ -47,18 +51,48 @@ _STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "4294967296", "MALLOC_MMAP_THRESHOLD
 
 
 class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages alive at once among those created inside the block."""
+    """Peak bytes alive at once among those created inside the block: tensor storages (``tensor_peak``),
+    and those together with the blocks of Python's allocators that ``tracemalloc`` sees (``peak``).
+
+    Tensor storages change only inside an ATen call, so between two calls their total is known; the
+    Python-side peak between two calls (``tracemalloc``'s, reset at every call) is added to the tensors'
+    total of that interval. A tensor freed within the interval is still counted, so ``peak`` errs high.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = 0
+        self.tensor_peak = 0
         self.peak = 0
+        self._started_tracing = False
+        self._python_base = 0
+
+    def __enter__(self):  # noqa: ANN204
+        self._started_tracing = not tracemalloc.is_tracing()
+        if self._started_tracing:
+            tracemalloc.start()
+        self._python_base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):  # noqa: ANN001, ANN204
+        self._close_interval()
+        if self._started_tracing:
+            tracemalloc.stop()
+        return super().__exit__(*exc_info)
+
+    def _close_interval(self) -> None:
+        """Fold the Python-side peak since the last ATen call into ``peak`` and start a new interval."""
+        python_peak = tracemalloc.get_traced_memory()[1] - self._python_base
+        self.peak = max(self.peak, self.current + python_peak)
+        tracemalloc.reset_peak()
 
     def _release(self, key: int) -> None:
         self.current -= self.live.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._close_interval()
         out = func(*args, **(kwargs or {}))
         # A view, an in-place op or an out= argument hands back an argument's storage: nothing new. (Counting
         # those would count the step's input and upstream gradient, made before the step, whenever the layer
@@ -74,9 +108,22 @@ class PeakMemory(TorchDispatchMode):
                 continue
             self.live[key] = size
             self.current += size
-            self.peak = max(self.peak, self.current)
+            self.tensor_peak = max(self.tensor_peak, self.current)
             weakref.finalize(storage, self._release, key)
+        self._close_interval()
         return out
+
+
+def trace_numba_arrays() -> bool:
+    """Make numba's runtime allocate through Python's raw allocator, which ``tracemalloc`` traces, so that
+    :class:`PeakMemory` sees the kernels' work arrays. Must run before numba allocates anything; ``False``
+    where this numba has no such switch (a private one: ``_nrt_python.memsys_use_cpython_allocator``)."""
+    try:
+        from numba.core.runtime import _nrt_python
+        _nrt_python.memsys_use_cpython_allocator()
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def make_step(layer: nn.Module, x: torch.Tensor, groups: torch.Tensor | None) -> Callable[[], None]:
@@ -107,10 +154,14 @@ def compare(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> 
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps}
 
 
-def peak_bytes(step: Callable[[], None]) -> int:
-    with PeakMemory() as tracker:
-        step()
-    return tracker.peak
+def peak_bytes(step: Callable[[], None]) -> tuple[int, int]:
+    """The peak of everything one step creates, and of its tensors alone (:class:`PeakMemory`), from the
+    second of two tracked steps: the first tracked step of a process also holds what the tracking itself
+    loads on first use (modules imported lazily, caches), megabytes that belong to neither layer."""
+    for _ in range(2):
+        with PeakMemory() as tracker:
+            step()
+    return tracker.peak, tracker.tensor_peak
 
 
 def repeats_for(numel: int, requested: int | None) -> int:
@@ -148,10 +199,15 @@ def run_case(kind: str, shape: tuple[int, ...], num_groups: int, mix: str, repea
         "bn_ms": medians["bn"][0] * 1e3,
         "ratio": medians["gmn"][0] / medians["bn"][0],
         "cpu_ratio": medians["gmn"][1] / medians["bn"][1],
-        "gmn_mib": peak_bytes(steps["gmn"]) / 2**20,
-        "bn_mib": peak_bytes(steps["bn"]) / 2**20,
+        **memory_columns(peak_bytes(steps["gmn"]), peak_bytes(steps["bn"])),
         "repeats": count,
     }
+
+
+def memory_columns(gmn: tuple[int, int], bn: tuple[int, int]) -> dict[str, float]:
+    """The table's memory columns from the two layers' (all, tensors only) peaks."""
+    return {"gmn_mib": gmn[0] / 2**20, "bn_mib": bn[0] / 2**20, "memory_ratio": gmn[0] / bn[0],
+            "tensor_ratio": gmn[1] / bn[1]}
 
 
 COMPILE_CASES = (("1d", (4096, 64), 8), ("2d", (16, 64, 16, 16), 2))
@@ -218,7 +274,9 @@ def compile_case(kind: str, shape: tuple[int, ...], num_groups: int, repeats: in
     return row
 
 
-def write_markdown(path: str, rows: list[dict], compiled: list[dict], floors: list[dict], malloc: str) -> None:
+def write_markdown(
+    path: str, rows: list[dict], compiled: list[dict], floors: list[dict], malloc: str, numba_traced: bool,
+) -> None:
     """The results as a markdown page, written atomically (a temporary file renamed into place)."""
     command = "python " + " ".join(["benchmarks/layer_speed.py", *sys.argv[1:]])
     lines = [
@@ -226,21 +284,21 @@ def write_markdown(path: str, rows: list[dict], compiled: list[dict], floors: li
         f"Generated by `{command}`: torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc {malloc}. "
         "One training step (forward and backward) per layer, the two layers alternating step by step so that both "
         "see the same machine load; medians. `ratio` divides wall times, `cpu ratio` thread CPU times (the steadier "
-        "of the two on a shared machine). Peak memory counts the tensors created in one step (not the input, the "
-        "upper gradient or views of them); `memory ratio` divides the exact peaks. `path` is the kernel GroupMixNorm's "
-        "step ran on: `numba`, the compiled CPU kernels (`groupmixnorm/nn/_fused_cpu.py`), or `torch`, the hand-written "
-        "autograd functions of ATen operations (`_kernels.py`). The numba kernels' own work arrays are NumPy memory, "
-        "which the peak does not see. From the forward to the backward they keep the `(2G + 4, C)` statistics and the "
-        "table the output was computed with (16 bytes per group and channel in float32); the backward adds 24 bytes "
-        "per group and channel. That is nothing at 2 or 8 groups, but more than the batch itself at 64 groups and "
-        "N = 256, where the true peak is about 2.5 times BatchNorm's.", "",
-        "| layer | shape | groups | path | GMN ms | BN ms | ratio | cpu ratio | GMN MiB | BN MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "of the two on a shared machine). `path` is the kernel GroupMixNorm's step ran on: `numba`, the compiled "
+        "CPU kernels (`groupmixnorm/nn/_fused_cpu.py`), or `torch`, the hand-written autograd functions of ATen "
+        "operations (`_kernels.py`). Peak memory counts what one step creates (not the input, the upper gradient or "
+        "views of them) that is alive at once: tensor storages and the blocks of Python's allocators, NumPy arrays "
+        + ("and the numba kernels' work arrays (numba allocating through Python for this run) included; "
+           if numba_traced else "included, but not the numba kernels' work arrays (this numba cannot allocate "
+           "through Python); ")
+        + "`memory ratio` divides the two layers' peaks, `tensor ratio` the peaks of their tensors alone.", "",
+        "| layer | shape | groups | path | GMN ms | BN ms | ratio | cpu ratio | GMN MiB | BN MiB | memory ratio | tensor ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(f"| {row['kind']} {row['mix']} | {tuple(row['shape'])} | {row['G']} | {row['path']} | {row['gmn_ms']:.3f} | "
-                     f"{row['bn_ms']:.3f} | {row['ratio']:.2f} | {row['cpu_ratio']:.2f} | {row['gmn_mib']:.1f} | "
-                     f"{row['bn_mib']:.1f} | {row['gmn_mib'] / row['bn_mib']:.2f} |")
+                     f"{row['bn_ms']:.3f} | {row['ratio']:.2f} | {row['cpu_ratio']:.2f} | {row['gmn_mib']:.2f} | "
+                     f"{row['bn_mib']:.2f} | {row['memory_ratio']:.2f} | {row['tensor_ratio']:.2f} |")
     lines += ["", "## Flat in the number of groups", "",
               "Ratio at the most groups over ratio at the fewest, per shape (1.00 = no cost for more groups):", ""]
     by_shape: dict[tuple, list[dict]] = {}
@@ -297,12 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steady_malloc and any(os.environ.get(k) != v for k, v in _STEADY_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_STEADY_MALLOC})
+    numba_traced = trace_numba_arrays()  # before any kernel runs
     torch.set_num_threads(args.threads)
     mixes = ["shared", "pairwise"] if args.pairwise else ["shared"]
     malloc = "steady (freed memory kept)" if args.steady_malloc else "default"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), malloc {malloc}; medians of one training step")
     header = (f"{'layer':<5} {'shape':<18} {'G':>3} {'mix':<8} {'path':<6} {'GMN ms':>9} {'BN ms':>9} {'ratio':>6} {'cpu':>6} "
-              f"{'GMN MiB':>8} {'BN MiB':>7} {'reps':>5}")
+              f"{'GMN MiB':>8} {'BN MiB':>7} {'mem':>5} {'tensor':>6} {'reps':>5}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -311,11 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"kind": kind, **row})
         print(
             f"{kind:<5} {str(row['shape']):<18} {row['G']:>3} {row['mix']:<8} {row['path']:<6} {row['gmn_ms']:>9.3f} {row['bn_ms']:>9.3f} "
-            f"{row['ratio']:>6.2f} {row['cpu_ratio']:>6.2f} {row['gmn_mib']:>8.1f} {row['bn_mib']:>7.1f} {row['repeats']:>5}",
+            f"{row['ratio']:>6.2f} {row['cpu_ratio']:>6.2f} {row['gmn_mib']:>8.2f} {row['bn_mib']:>7.2f} "
+            f"{row['memory_ratio']:>5.2f} {row['tensor_ratio']:>6.2f} {row['repeats']:>5}",
             flush=True,
         )
     print("ms: wall-clock medians; ratio: GMN / BN wall time; cpu: GMN / BN thread CPU time; "
-          "MiB: peak of tensors created in one step")
+          "MiB: peak of what one step creates (mem: GMN / BN), tensor: the same for tensors alone")
     floors = [floor_case(shape, args.repeats) for shape in FLOOR_SHAPES]
     for row in floors:
         print(f"python floor {row['shape']}: {row['floor_ms']:.3f} ms against BN {row['bn_ms']:.3f} ms ({row['ratio']:.2f})")
@@ -324,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"compiled {row['kind']} {row['shape']} G={row['G']}: BN eager {row['bn_eager_ms']:.3f} ms, "
               f"BN compiled {row['bn_compiled_ms']:.3f} ms, GMN eager {row['gmn_eager_ms']:.3f} ms, GMN compiled {row['gmn_compiled']}")
     if args.markdown:
-        write_markdown(args.markdown, rows, compiled, floors, malloc)
+        write_markdown(args.markdown, rows, compiled, floors, malloc, numba_traced)
 
 
 if __name__ == "__main__":
